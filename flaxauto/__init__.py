@@ -1,0 +1,61 @@
+"""flaxauto: Hugging Face's Auto model classes, natively in JAX / Flax NNX.
+
+model = flaxauto.AutoModelForSequenceClassification.from_pretrained("path/or/hub-id")
+logits = jax.jit(lambda m, x: m(**x).logits)(model, batch)
+model.save_pretrained("out/")   # loads back into transformers (PyTorch)
+"""
+
+from flaxauto.auto import (
+    AUTO_CLASS_TASKS,
+    AutoModel,
+    AutoModelForAudioClassification,
+    AutoModelForCausalLM,
+    AutoModelForImageClassification,
+    AutoModelForMaskedLM,
+    AutoModelForMultipleChoice,
+    AutoModelForNextSentencePrediction,
+    AutoModelForObjectDetection,
+    AutoModelForQuestionAnswering,
+    AutoModelForSeq2SeqLM,
+    AutoModelForSequenceClassification,
+    AutoModelForSpeechSeq2Seq,
+    AutoModelForTableQuestionAnswering,
+    AutoModelForTokenClassification,
+    AutoModelForVideoClassification,
+    HeadSpec,
+    register,
+    supported,
+)
+from flaxauto.converters.errors import CheckpointError, UnsafeCheckpointError
+from flaxauto.modeling import Model
+from flaxauto.sharding import make_mesh, shard_batch, shard_model
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AUTO_CLASS_TASKS",
+    "AutoModel",
+    "AutoModelForAudioClassification",
+    "AutoModelForCausalLM",
+    "AutoModelForImageClassification",
+    "AutoModelForMaskedLM",
+    "AutoModelForMultipleChoice",
+    "AutoModelForNextSentencePrediction",
+    "AutoModelForObjectDetection",
+    "AutoModelForQuestionAnswering",
+    "AutoModelForSeq2SeqLM",
+    "AutoModelForSequenceClassification",
+    "AutoModelForSpeechSeq2Seq",
+    "AutoModelForTableQuestionAnswering",
+    "AutoModelForTokenClassification",
+    "AutoModelForVideoClassification",
+    "CheckpointError",
+    "HeadSpec",
+    "Model",
+    "UnsafeCheckpointError",
+    "make_mesh",
+    "register",
+    "shard_batch",
+    "shard_model",
+    "supported",
+]

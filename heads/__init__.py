@@ -1,0 +1,23 @@
+"""Generic task heads, shared by every family (installed as `flaxauto.heads`)."""
+
+from flaxauto.heads.base import Head, PooledProjection, pool
+from flaxauto.heads.classification import (
+    MultipleChoiceHead,
+    NextSentencePredictionHead,
+    QuestionAnsweringHead,
+    SequenceClassificationHead,
+    TokenClassificationHead,
+)
+from flaxauto.heads.language_modeling import MaskedLMHead
+
+__all__ = [
+    "Head",
+    "MaskedLMHead",
+    "MultipleChoiceHead",
+    "NextSentencePredictionHead",
+    "PooledProjection",
+    "QuestionAnsweringHead",
+    "SequenceClassificationHead",
+    "TokenClassificationHead",
+    "pool",
+]

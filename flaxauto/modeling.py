@@ -1,0 +1,236 @@
+"""The model: backbone + head, built abstractly and filled from a checkpoint or initialised.
+
+`from_pretrained` never random-initialises a weight the checkpoint provides: the model is built
+with `nnx.eval_shape`, the loader streams tensors into it, and only what the checkpoint lacks
+(a new head, a pooler) is initialised, by transformers' rules, and reported.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from flaxauto import auto, layers
+from flaxauto.converters.errors import CheckpointError
+from flaxauto.converters.files import open_tensors, resolve_checkpoint, save_safetensors
+from flaxauto.converters.layout import export_tensors, initial_value, parameter_slots
+from flaxauto.converters.loader import LoadingInfo, load_weights
+
+logger = logging.getLogger("flaxauto")
+
+
+class _Static:
+    """Holds non-array model facts (config, family) as one static leaf that hashes by identity,
+    so jit's cache does not compare whole configs on every call."""
+
+    def __init__(self, **facts):
+        self.__dict__.update(facts)
+
+    def __hash__(self):
+        return id(self)
+
+    def __eq__(self, other):
+        return self is other
+
+
+class Model(nnx.Module):
+    """A transformers model in Flax NNX: `backbone` (the family's base model) and `head`.
+
+    Called with transformers' input names; returns transformers' output dataclasses. For
+    AutoModel the head is None and the backbone output is returned.
+    """
+
+    def __init__(self, config, task: str, precision: layers.Precision, rngs: nnx.Rngs):
+        family, spec = auto.lookup(config.model_type, task)
+        self.static = _Static(config=config, family=family, head_spec=spec, task=task)
+        self.backbone = family.backbone(config, precision, rngs, **spec.backbone_options)
+        if spec.head is None:
+            self.head = nnx.data(None)
+        else:
+            self.head = spec.head(config, precision, rngs, **spec.options)
+
+    config = property(lambda self: self.static.config)
+    family = property(lambda self: self.static.family)
+    head_spec = property(lambda self: self.static.head_spec)
+    task = property(lambda self: self.static.task)
+
+    def __call__(self, *args, **inputs):
+        if len(args) > 1:
+            raise TypeError("pass inputs by name, e.g. model(input_ids, attention_mask=mask)")
+        if args:
+            inputs[self.family.main_input_name] = args[0]
+        flags = {
+            k: inputs.pop(k) for k in ("output_hidden_states", "output_attentions") if k in inputs
+        }
+        inputs = {k: None if v is None else jnp.asarray(v) for k, v in inputs.items()}
+        if self.head is None:
+            return self.backbone(**inputs, **flags)
+        labels = {k: inputs.pop(k) for k in self.head.label_names if k in inputs}
+        features = self.backbone(**self.head.prepare_inputs(inputs), **flags)
+        return self.head(features, backbone=self.backbone, inputs=inputs, **labels)
+
+    def num_parameters(self) -> int:
+        return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(self, nnx.Param)))
+
+    def save_pretrained(self, save_directory, *, max_shard_size: int | str = "5GB") -> list[Path]:
+        """Write config.json and model.safetensors (sharded past max_shard_size) in transformers'
+        names and layouts. Files are written under temporary names and renamed at the end, so an
+        interrupted save leaves an earlier checkpoint in the directory intact."""
+        config = self.config
+        architecture = auto.transformers_class_name(config.model_type, self.task)
+        config.architectures = [architecture] if architecture else None
+        param_dtypes = {x.dtype for x in jax.tree.leaves(nnx.state(self, nnx.Param))}
+        if len(param_dtypes) == 1:
+            config.dtype = str(np.dtype(param_dtypes.pop()))
+        return save_safetensors(
+            save_directory,
+            export_tensors(self),
+            max_shard_size=max_shard_size,
+            metadata={"format": "pt"},
+            extra_files={"config.json": config.to_json_string(use_diff=True)},
+        )
+
+
+def _precision(dtype, param_dtype) -> layers.Precision:
+    param_dtype = jnp.dtype(param_dtype or jnp.float32)
+    return layers.Precision(dtype=jnp.dtype(dtype or param_dtype), param_dtype=param_dtype)
+
+
+def build_abstract(config, task: str, precision: layers.Precision, seed: int = 0) -> Model:
+    """The model with every array a ShapeDtypeStruct: no memory, no initialisation."""
+    return nnx.eval_shape(lambda: Model(config, task, precision, nnx.Rngs(seed)))
+
+
+def _is_abstract(value) -> bool:
+    return isinstance(value, jax.ShapeDtypeStruct)
+
+
+def initialize_abstract(model: Model, seed: int, mesh=None, rules=None) -> list[str]:
+    """Give every still-abstract variable a value: parameters by transformers' init rules,
+    dropout RNG streams from `seed`. Returns the PyTorch names of the parameters initialised."""
+    from flaxauto.sharding import resolve_rules, variable_sharding
+
+    std = getattr(model.config, "initializer_range", 0.02)
+    key = jax.random.key(seed)
+    initialised = []
+    for index, (name, slot) in enumerate(parameter_slots(model).items()):
+        if not _is_abstract(slot.variable.get_value()):
+            continue
+        value = initial_value(slot, jax.random.fold_in(key, index), std)
+        if mesh is not None:
+            sharding = variable_sharding(slot.variable, slot.shape, mesh, resolve_rules(rules))
+            value = jax.device_put(value, sharding)
+        slot.variable.set_value(value)
+        initialised.append(name)
+    for index, (_, variable) in enumerate(nnx.iter_graph(model)):
+        if isinstance(variable, nnx.Variable) and _is_abstract(variable.get_value()):
+            variable.set_value(_rng_state(variable, jax.random.fold_in(key, 10_000 + index)))
+    return initialised
+
+
+def _rng_state(variable, key):
+    if isinstance(variable, nnx.RngKey):
+        return key
+    if isinstance(variable, nnx.RngCount):
+        return jnp.zeros((), jnp.uint32)
+    raise TypeError(f"cannot initialise {type(variable).__name__}")
+
+
+def from_config(
+    config, task: str, *, dtype=None, param_dtype=None, seed: int = 0, mesh=None, rules=None
+):
+    """A randomly initialised model for a transformers config (transformers' init rules)."""
+    model = build_abstract(config, task, _precision(dtype, param_dtype), seed)
+    initialize_abstract(model, seed, mesh, rules)
+    model.eval()
+    return model
+
+
+def _read_model_type(config_path: Path) -> str:
+    try:
+        data = json.loads(config_path.read_text())
+    except (OSError, ValueError) as error:
+        raise CheckpointError(f"{config_path}: not a readable config.json ({error})") from None
+    if not isinstance(data, dict) or "model_type" not in data:
+        raise CheckpointError(f"{config_path}: no model_type in config.json")
+    return data["model_type"]
+
+
+def from_pretrained(
+    name_or_path,
+    task: str,
+    *,
+    dtype=None,
+    param_dtype=None,
+    mesh=None,
+    rules=None,
+    ignore_mismatched_sizes: bool = False,
+    output_loading_info: bool = False,
+    progress: bool | None = None,
+    seed: int = 0,
+    revision: str | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    token: str | None = None,
+    local_files_only: bool | None = None,
+    **config_overrides,
+):
+    import transformers
+
+    checkpoint = resolve_checkpoint(
+        name_or_path,
+        revision=revision,
+        cache_dir=cache_dir,
+        token=token,
+        local_files_only=local_files_only,
+    )
+    auto.lookup(_read_model_type(checkpoint.config_path), task)  # a clear error before any work
+    config = transformers.AutoConfig.from_pretrained(checkpoint.directory, **config_overrides)
+    model = build_abstract(config, task, _precision(dtype, param_dtype), seed)
+    if mesh is not None:
+        from flaxauto.sharding import resolve_rules
+
+        rules = resolve_rules(rules)
+    with open_tensors(checkpoint) as source:
+        info = load_weights(
+            model,
+            source,
+            mesh=mesh,
+            rules=rules,
+            ignore_mismatched_sizes=ignore_mismatched_sizes,
+            progress=progress,
+            where=str(checkpoint.directory),
+        )
+    initialize_abstract(model, seed, mesh, rules)
+    _report(model, info)
+    model.eval()
+    return (model, info.as_dict()) if output_loading_info else model
+
+
+def _report(model: Model, info: LoadingInfo) -> None:
+    name = auto.TASK_AUTO_CLASSES[model.task]
+    if info.missing_keys:
+        logger.warning(
+            "%s (%s): newly initialised, not in the checkpoint (train before use): %s",
+            name,
+            model.config.model_type,
+            ", ".join(info.missing_keys),
+        )
+    if info.mismatched_keys:
+        logger.warning(
+            "%s: re-initialised because their shapes differ (ignore_mismatched_sizes): %s",
+            name,
+            ", ".join(f"{k} {old}->{new}" for k, old, new in info.mismatched_keys),
+        )
+    if info.unexpected_keys:
+        logger.warning(
+            "%s: checkpoint tensors this task does not use were dropped: %s",
+            name,
+            ", ".join(info.unexpected_keys),
+        )

@@ -1,0 +1,248 @@
+"""BERT (transformers' BertModel), with every text head transformers registers for "bert".
+
+Attribute paths are transformers' (`embeddings.word_embeddings`, `encoder.layer.0.attention.self.
+query`, ...), so checkpoints map by name.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from flaxauto import layers
+from flaxauto.auto import HeadSpec, register
+from flaxauto.heads import (
+    MaskedLMHead,
+    MultipleChoiceHead,
+    NextSentencePredictionHead,
+    QuestionAnsweringHead,
+    SequenceClassificationHead,
+    TokenClassificationHead,
+)
+from flaxauto.outputs import BaseModelOutput
+
+Precision = layers.Precision
+
+
+def check_config(config) -> None:
+    """Refuse what this implementation does not compute, naming the attribute."""
+    position_type = getattr(config, "position_embedding_type", "absolute")
+    if position_type != "absolute":
+        raise NotImplementedError(
+            f"position_embedding_type={position_type!r} is not implemented (only 'absolute')"
+        )
+    for flag in ("is_decoder", "add_cross_attention"):
+        if getattr(config, flag, False):
+            raise NotImplementedError(f"{flag}=True is not implemented for {config.model_type}")
+    layers.activation(config.hidden_act)
+
+
+class BertEmbeddings(nnx.Module):
+    def __init__(self, config, precision: Precision, rngs: nnx.Rngs):
+        hidden = config.hidden_size
+        self.word_embeddings = layers.embedding(
+            config.vocab_size, hidden, ("vocab", "embed"), precision, rngs
+        )
+        self.position_embeddings = layers.embedding(
+            config.max_position_embeddings, hidden, (None, "embed"), precision, rngs
+        )
+        self.token_type_embeddings = layers.embedding(
+            config.type_vocab_size, hidden, (None, "embed"), precision, rngs
+        )
+        self.LayerNorm = layers.layer_norm(hidden, config.layer_norm_eps, precision, rngs)
+        self.dropout = layers.dropout(config.hidden_dropout_prob, rngs)
+
+    def __call__(self, input_ids, token_type_ids, position_ids, inputs_embeds) -> jax.Array:
+        if inputs_embeds is None:
+            inputs_embeds = self.word_embeddings(input_ids)  # [B, T, E]
+        batch, length = inputs_embeds.shape[:2]
+        if position_ids is None:
+            position_ids = jnp.arange(length)[None, :]
+        if token_type_ids is None:
+            token_type_ids = jnp.zeros((batch, length), jnp.int32)
+        embeddings = (
+            inputs_embeds
+            + self.token_type_embeddings(token_type_ids)
+            + self.position_embeddings(position_ids)
+        )
+        return self.dropout(self.LayerNorm(embeddings))
+
+
+class BertSelfAttention(nnx.Module):
+    def __init__(self, config, precision: Precision, rngs: nnx.Rngs):
+        hidden = config.hidden_size
+        if hidden % config.num_attention_heads:
+            raise ValueError(
+                f"hidden_size={hidden} is not a multiple of num_attention_heads="
+                f"{config.num_attention_heads}"
+            )
+        self.num_heads = config.num_attention_heads
+        self.query = layers.linear(hidden, hidden, ("embed", "heads"), precision, rngs)
+        self.key = layers.linear(hidden, hidden, ("embed", "heads"), precision, rngs)
+        self.value = layers.linear(hidden, hidden, ("embed", "heads"), precision, rngs)
+        self.dropout = layers.dropout(config.attention_probs_dropout_prob, rngs)
+
+    def __call__(self, hidden_states, bias):
+        q, k, v = (
+            layers.split_heads(proj(hidden_states), self.num_heads)  # [B, T, H, D]
+            for proj in (self.query, self.key, self.value)
+        )
+        context, probs = layers.dot_product_attention(q, k, v, bias, self.dropout)
+        return layers.merge_heads(context), probs
+
+
+class BertResidualOutput(nnx.Module):
+    """dense -> dropout -> LayerNorm(x + residual): BertSelfOutput and BertOutput alike."""
+
+    def __init__(self, config, in_features: int, in_axis: str, precision, rngs):
+        self.dense = layers.linear(
+            in_features, config.hidden_size, (in_axis, "embed"), precision, rngs
+        )
+        self.LayerNorm = layers.layer_norm(
+            config.hidden_size, config.layer_norm_eps, precision, rngs
+        )
+        self.dropout = layers.dropout(config.hidden_dropout_prob, rngs)
+
+    def __call__(self, hidden_states, residual):
+        return self.LayerNorm(self.dropout(self.dense(hidden_states)) + residual)
+
+
+class BertAttention(nnx.Module):
+    def __init__(self, config, precision: Precision, rngs: nnx.Rngs):
+        self.self = BertSelfAttention(config, precision, rngs)
+        self.output = BertResidualOutput(config, config.hidden_size, "heads", precision, rngs)
+
+    def __call__(self, hidden_states, bias):
+        context, probs = self.self(hidden_states, bias)
+        return self.output(context, hidden_states), probs
+
+
+class BertIntermediate(nnx.Module):
+    def __init__(self, config, precision: Precision, rngs: nnx.Rngs):
+        self.dense = layers.linear(
+            config.hidden_size, config.intermediate_size, ("embed", "mlp"), precision, rngs
+        )
+        self.activation = layers.activation(config.hidden_act)
+
+    def __call__(self, hidden_states):
+        return self.activation(self.dense(hidden_states))
+
+
+class BertLayer(nnx.Module):
+    def __init__(self, config, precision: Precision, rngs: nnx.Rngs):
+        self.attention = BertAttention(config, precision, rngs)
+        self.intermediate = BertIntermediate(config, precision, rngs)
+        self.output = BertResidualOutput(config, config.intermediate_size, "mlp", precision, rngs)
+
+    def __call__(self, hidden_states, bias):
+        attended, probs = self.attention(hidden_states, bias)
+        return self.output(self.intermediate(attended), attended), probs
+
+
+class BertEncoder(nnx.Module):
+    def __init__(self, config, precision: Precision, rngs: nnx.Rngs):
+        self.layer = nnx.List(
+            [BertLayer(config, precision, rngs) for _ in range(config.num_hidden_layers)]
+        )
+
+    def __call__(self, hidden_states, bias, output_hidden_states, output_attentions):
+        all_hidden, all_probs = [hidden_states], []
+        for layer in self.layer:
+            hidden_states, probs = layer(hidden_states, bias)
+            all_hidden.append(hidden_states)
+            all_probs.append(probs)
+        return (
+            hidden_states,
+            tuple(all_hidden) if output_hidden_states else None,
+            tuple(all_probs) if output_attentions else None,
+        )
+
+
+class BertPooler(nnx.Module):
+    """tanh(dense(first token))."""
+
+    def __init__(self, config, precision: Precision, rngs: nnx.Rngs):
+        self.dense = layers.linear(
+            config.hidden_size, config.hidden_size, ("embed", "mlp"), precision, rngs
+        )
+
+    def __call__(self, hidden_states):
+        return jnp.tanh(self.dense(hidden_states[:, 0]))
+
+
+class BertModel(nnx.Module):
+    """The BERT backbone: embeddings, encoder, optional pooler."""
+
+    def __init__(
+        self, config, precision: Precision, rngs: nnx.Rngs, *, add_pooling_layer: bool = True
+    ):
+        check_config(config)
+        self.embeddings = BertEmbeddings(config, precision, rngs)
+        self.encoder = BertEncoder(config, precision, rngs)
+        if add_pooling_layer:
+            self.pooler = BertPooler(config, precision, rngs)
+        else:
+            self.pooler = nnx.data(None)
+        self.compute_dtype = precision.dtype
+
+    def get_input_embeddings(self) -> nnx.Embed:
+        return self.embeddings.word_embeddings
+
+    def __call__(
+        self,
+        input_ids=None,  # [B, T]
+        attention_mask=None,  # [B, T], 1 = token, 0 = padding
+        token_type_ids=None,  # [B, T]
+        position_ids=None,  # [B, T]
+        inputs_embeds=None,  # [B, T, E]
+        *,
+        output_hidden_states: bool = False,
+        output_attentions: bool = False,
+    ) -> BaseModelOutput:
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        embeddings = self.embeddings(input_ids, token_type_ids, position_ids, inputs_embeds)
+        bias = layers.padding_bias(attention_mask)
+        hidden, all_hidden, all_probs = self.encoder(
+            embeddings, bias, output_hidden_states, output_attentions
+        )
+        pooled = None if self.pooler is None else self.pooler(hidden)
+        return BaseModelOutput(
+            last_hidden_state=hidden,
+            pooler_output=pooled,
+            hidden_states=all_hidden,
+            attentions=all_probs,
+        )
+
+
+NO_POOLER = {"add_pooling_layer": False}
+
+register(
+    model_types=("bert",),
+    backbone=BertModel,
+    base_model_prefix="bert",
+    optional_modules=("pooler",),
+    heads={
+        "base": HeadSpec(None),
+        "sequence-classification": HeadSpec(
+            SequenceClassificationHead, names={"classifier.out": "classifier"}
+        ),
+        "token-classification": HeadSpec(TokenClassificationHead, backbone_options=NO_POOLER),
+        "question-answering": HeadSpec(QuestionAnsweringHead, backbone_options=NO_POOLER),
+        "masked-lm": HeadSpec(
+            MaskedLMHead,
+            names={
+                "dense": "cls.predictions.transform.dense",
+                "layer_norm": "cls.predictions.transform.LayerNorm",
+                "decoder": "cls.predictions.decoder",
+                "bias": "cls.predictions.bias",
+            },
+            backbone_options=NO_POOLER,
+        ),
+        "multiple-choice": HeadSpec(MultipleChoiceHead, names={"classifier.out": "classifier"}),
+        "next-sentence-prediction": HeadSpec(
+            NextSentencePredictionHead, names={"classifier.out": "cls.seq_relationship"}
+        ),
+    },
+)

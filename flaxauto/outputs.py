@@ -1,0 +1,68 @@
+"""Model outputs: pytree dataclasses with transformers' field names.
+
+Every field defaults to None, as in transformers, so a jitted function can return any of them and
+absent fields cost nothing. `out["logits"]` works as well as `out.logits`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+from flax import struct
+
+Array = jax.Array
+
+
+class _Output:
+    def __getitem__(self, name: str):
+        return getattr(self, name)
+
+    def keys(self) -> list[str]:
+        return [f.name for f in dataclasses.fields(self) if getattr(self, f.name) is not None]
+
+
+@struct.dataclass
+class BaseModelOutput(_Output):
+    last_hidden_state: Array = None  # [B, T, E]
+    pooler_output: Array | None = None  # [B, E], for families with a pooler
+    hidden_states: tuple[Array, ...] | None = None  # embeddings + every layer, each [B, T, E]
+    attentions: tuple[Array, ...] | None = None  # every layer, each [B, H, T, S]
+
+
+@struct.dataclass
+class _TaskOutput(_Output):
+    loss: Array | None = None
+    hidden_states: tuple[Array, ...] | None = None
+    attentions: tuple[Array, ...] | None = None
+
+
+@struct.dataclass
+class SequenceClassifierOutput(_TaskOutput):
+    logits: Array = None  # [B, num_labels]
+
+
+@struct.dataclass
+class TokenClassifierOutput(_TaskOutput):
+    logits: Array = None  # [B, T, num_labels]
+
+
+@struct.dataclass
+class MaskedLMOutput(_TaskOutput):
+    logits: Array = None  # [B, T, V]
+
+
+@struct.dataclass
+class MultipleChoiceModelOutput(_TaskOutput):
+    logits: Array = None  # [B, C]
+
+
+@struct.dataclass
+class NextSentencePredictorOutput(_TaskOutput):
+    logits: Array = None  # [B, 2]
+
+
+@struct.dataclass
+class QuestionAnsweringModelOutput(_TaskOutput):
+    start_logits: Array = None  # [B, T]
+    end_logits: Array = None  # [B, T]

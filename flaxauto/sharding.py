@@ -1,0 +1,116 @@
+"""Logical axis names -> mesh shardings, presets, and data-parallel helpers.
+
+Parameters carry logical axes ("vocab", "embed", "heads", "kv", "mlp") as `out_sharding`
+metadata. A rules table maps each logical axis to mesh axes; axes without a rule, and rules whose
+mesh axes do not divide the dimension, are replicated (a small model on a big mesh still loads).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+Rules = Mapping[str, str | tuple[str, ...] | None]
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+#: Every parameter replicated; only the batch is split.
+DATA_PARALLEL: Rules = {}
+#: Parameters split along their model dimension over "fsdp"; gathered per layer by XLA.
+FSDP: Rules = {"embed": "fsdp"}
+#: Megatron-style: attention heads, MLP width and vocabulary split over "tensor".
+TENSOR_PARALLEL: Rules = {"heads": "tensor", "kv": "tensor", "mlp": "tensor", "vocab": "tensor"}
+#: Both at once on a (data, fsdp, tensor) mesh.
+FSDP_TENSOR_PARALLEL: Rules = {**FSDP, **TENSOR_PARALLEL}
+
+PRESETS = {
+    "data": DATA_PARALLEL,
+    "fsdp": FSDP,
+    "tensor": TENSOR_PARALLEL,
+    "fsdp+tensor": FSDP_TENSOR_PARALLEL,
+}
+
+
+def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, devices=None) -> Mesh:
+    """A (data, fsdp, tensor) mesh; -1 takes the devices the other axes leave."""
+    devices = np.asarray(jax.devices() if devices is None else devices)
+    sizes = [data, fsdp, tensor]
+    if sizes.count(-1) > 1:
+        raise ValueError("at most one mesh axis may be -1")
+    known = int(np.prod([s for s in sizes if s != -1]))
+    sizes = [devices.size // known if s == -1 else s for s in sizes]
+    if int(np.prod(sizes)) != devices.size:
+        raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))} does not use {devices.size} devices")
+    return Mesh(devices.reshape(sizes), MESH_AXES)
+
+
+def resolve_rules(rules: Rules | str | None) -> Rules:
+    if rules is None:
+        return FSDP
+    if isinstance(rules, str):
+        if rules not in PRESETS:
+            raise ValueError(f"unknown sharding preset {rules!r}; presets: {sorted(PRESETS)}")
+        return PRESETS[rules]
+    return rules
+
+
+def partition_spec(
+    logical_axes: Sequence[str | None] | None, shape: Sequence[int], mesh: Mesh, rules: Rules
+) -> PartitionSpec:
+    """The PartitionSpec for one array, dropping mesh axes that are absent or do not divide."""
+    if not logical_axes:
+        return PartitionSpec()
+    used: set[str] = set()
+    spec = []
+    for name, dim in zip(logical_axes, shape, strict=True):
+        target = rules.get(name) if name is not None else None
+        axes = (target,) if isinstance(target, str) else tuple(target or ())
+        axes = tuple(a for a in axes if a in mesh.shape and a not in used)
+        size = int(np.prod([mesh.shape[a] for a in axes])) if axes else 1
+        if not axes or dim % size:
+            spec.append(None)
+            continue
+        used.update(axes)
+        spec.append(axes[0] if len(axes) == 1 else axes)
+    return PartitionSpec(*spec)
+
+
+def variable_sharding(variable: nnx.Variable, shape, mesh: Mesh, rules: Rules) -> NamedSharding:
+    axes = variable.get_metadata("out_sharding", None)
+    return NamedSharding(mesh, partition_spec(axes, shape, mesh, rules))
+
+
+def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
+    """Inputs split over the batch dimension on every data-like mesh axis."""
+    batch_axes = tuple(a for a in ("data", "fsdp") if a in mesh.shape)
+    return NamedSharding(mesh, PartitionSpec(batch_axes, *([None] * (ndim - 1))))
+
+
+def shard_batch(batch: Mapping, mesh: Mesh) -> dict:
+    """Place every array of a batch split over its first dimension."""
+    return {
+        name: None if value is None else jax.device_put(value, batch_sharding(mesh, np.ndim(value)))
+        for name, value in batch.items()
+    }
+
+
+def shard_model(model: nnx.Module, mesh: Mesh, rules: Rules | str | None = None) -> nnx.Module:
+    """Move an existing model's parameters into their shards on `mesh` (in place)."""
+    rules = resolve_rules(rules)
+    for _, variable in nnx.iter_graph(model):
+        if isinstance(variable, nnx.Param):
+            value = variable.get_value()
+            variable.set_value(
+                jax.device_put(value, variable_sharding(variable, value.shape, mesh, rules))
+            )
+    return model
+
+
+def replicate(tree, devices=None):
+    """Stack a pytree (e.g. `nnx.state(model)`) once per local device, for `jax.pmap`."""
+    devices = jax.local_devices() if devices is None else devices
+    return jax.device_put_replicated(tree, devices)

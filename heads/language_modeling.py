@@ -1,0 +1,59 @@
+"""Language-model heads: the masked-LM prediction head (transform, tied decoder, bias)."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+from flax import nnx
+from flaxauto.heads import losses
+from flaxauto.heads.base import Head
+
+from flaxauto import layers, outputs
+
+
+class MaskedLMHead(Head):
+    """hidden -> [dense -> activation -> LayerNorm] -> decoder (tied to the word embeddings) + bias.
+
+    With tie_word_embeddings the decoder is the input embedding matrix, read through the
+    backbone's embedding `attend`, so the model stays a tree (no shared parameter objects).
+    """
+
+    def __init__(self, config, precision, rngs, *, activation_attribute: str = "hidden_act"):
+        hidden, vocab = config.hidden_size, config.vocab_size
+        self.dense = layers.linear(hidden, hidden, ("embed", "mlp"), precision, rngs)
+        self.activation = layers.activation(
+            getattr(config, activation_attribute), activation_attribute
+        )
+        self.layer_norm = layers.layer_norm(hidden, config.layer_norm_eps, precision, rngs)
+        self.tied = bool(getattr(config, "tie_word_embeddings", True))
+        if self.tied:
+            self.decoder = nnx.data(None)
+            self.tied_names = ("decoder.weight", "decoder.bias")
+        else:
+            self.decoder = layers.linear(
+                hidden, vocab, ("embed", "vocab"), precision, rngs, use_bias=False
+            )
+            self.tied_names = ("decoder.bias",)  # transformers ties the decoder bias to `bias`
+        self.bias = nnx.Param(
+            jnp.zeros((vocab,), precision.param_dtype),
+            out_sharding=("vocab",),
+            eager_sharding=False,
+        )
+
+    def __call__(self, features, *, backbone, inputs, labels=None):
+        hidden = self.layer_norm(self.activation(self.dense(features.last_hidden_state)))
+        if self.tied:
+            logits = backbone.get_input_embeddings().attend(hidden)  # [B, T, V]
+        else:
+            logits = self.decoder(hidden)
+        logits = logits + self.bias[...].astype(logits.dtype)
+        loss = None
+        if labels is not None:
+            loss = losses.cross_entropy(
+                logits.reshape(-1, logits.shape[-1]), jnp.reshape(labels, -1)
+            )
+        return outputs.MaskedLMOutput(
+            logits=logits,
+            loss=loss,
+            hidden_states=features.hidden_states,
+            attentions=features.attentions,
+        )

@@ -1,0 +1,58 @@
+"""Losses as transformers computes them, accumulated in float32 whatever the compute dtype."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+IGNORE_INDEX = -100
+
+
+def cross_entropy(logits: jax.Array, labels: jax.Array, ignore_index: int = IGNORE_INDEX):
+    """Mean token cross-entropy over labels != ignore_index (torch's CrossEntropyLoss).
+
+    logits [N, C], labels [N]. With every label ignored the mean is 0/0 = nan, as in torch.
+    """
+    logits = logits.astype(jnp.float32)
+    labels = jnp.asarray(labels)
+    valid = labels != ignore_index
+    safe_labels = jnp.where(valid, labels, 0)
+    log_probs = jax.nn.log_softmax(logits, axis=-1)
+    picked = jnp.take_along_axis(log_probs, safe_labels[:, None], axis=-1)[:, 0]
+    return -jnp.sum(jnp.where(valid, picked, 0.0)) / jnp.sum(valid)
+
+
+def mean_squared_error(predictions: jax.Array, targets: jax.Array):
+    diff = predictions.astype(jnp.float32) - jnp.asarray(targets, jnp.float32)
+    return jnp.mean(diff * diff)
+
+
+def binary_cross_entropy_with_logits(logits: jax.Array, targets: jax.Array):
+    logits = logits.astype(jnp.float32)
+    targets = jnp.asarray(targets, jnp.float32)
+    # log(1 + exp(-|x|)) form: stable for large |x|, as torch's BCEWithLogitsLoss.
+    per_element = jnp.maximum(logits, 0) - logits * targets + jnp.log1p(jnp.exp(-jnp.abs(logits)))
+    return jnp.mean(per_element)
+
+
+def sequence_classification_loss(logits: jax.Array, labels, problem_type: str | None):
+    """transformers' rule: regression for one label, else int labels -> single-label CE,
+    float labels -> multi-label BCE, unless config.problem_type says otherwise."""
+    labels = jnp.asarray(labels)
+    num_labels = logits.shape[-1]
+    if problem_type is None:
+        if num_labels == 1:
+            problem_type = "regression"
+        elif jnp.issubdtype(labels.dtype, jnp.integer):
+            problem_type = "single_label_classification"
+        else:
+            problem_type = "multi_label_classification"
+    if problem_type == "regression":
+        if num_labels == 1:
+            return mean_squared_error(logits.reshape(-1), labels.reshape(-1))
+        return mean_squared_error(logits, labels)
+    if problem_type == "single_label_classification":
+        return cross_entropy(logits.reshape(-1, num_labels), labels.reshape(-1))
+    if problem_type == "multi_label_classification":
+        return binary_cross_entropy_with_logits(logits, labels)
+    raise NotImplementedError(f"problem_type={problem_type!r} is not implemented")
