@@ -44,7 +44,7 @@ def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, devices=None) -> M
     known = int(np.prod([s for s in sizes if s != -1]))
     sizes = [devices.size // known if s == -1 else s for s in sizes]
     if int(np.prod(sizes)) != devices.size:
-        raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))} does not use {devices.size} devices")
+        raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes, strict=True))} does not use {devices.size} devices")
     return Mesh(devices.reshape(sizes), MESH_AXES)
 
 
