@@ -1,0 +1,410 @@
+"""The file layer of checkpoint IO: find a checkpoint's files, read tensors from them, write them.
+
+Nothing here knows about models. `resolve_checkpoint` turns a local folder or a Hub id into a
+`Checkpoint` (which files hold what), `open_tensors` reads its tensors one at a time, and
+`save_safetensors` writes tensors in the layout `transformers` reads.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import uuid
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+
+import ml_dtypes
+import numpy as np
+import safetensors
+import safetensors.numpy
+from flaxauto.converters.errors import CheckpointError
+
+SAFE_WEIGHTS = "model.safetensors"
+SAFE_INDEX = "model.safetensors.index.json"
+BIN_WEIGHTS = "pytorch_model.bin"
+BIN_INDEX = "pytorch_model.bin.index.json"
+CONFIG = "config.json"
+GENERATION_CONFIG = "generation_config.json"
+
+_WEIGHT_NAMES = (SAFE_WEIGHTS, SAFE_INDEX, BIN_WEIGHTS, BIN_INDEX)  # in order of preference
+_SHARD_NAME = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
+_LOCAL_PREFIXES = ("./", "../", "~", ".\\", "..\\")
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    directory: Path
+    config_path: Path
+    format: str  # "safetensors" or "bin"
+    weight_files: tuple[Path, ...]
+    weight_map: dict[str, Path] | None = field(hash=False)  # tensor -> shard; None: one file
+    generation_config_path: Path | None
+
+
+# ----------------------------------------------------------------------------- finding files
+
+
+def resolve_checkpoint(
+    name_or_path, *, revision=None, cache_dir=None, token=None, local_files_only=None
+) -> Checkpoint:
+    """Find config and weights in a local directory, or else in a Hugging Face Hub repo."""
+    text = os.fspath(name_or_path)
+    path = Path(text).expanduser().absolute()
+    if path.is_dir():
+        return _locate(lambda name: path / name if (path / name).is_file() else None, str(path))
+    looks_local = os.path.isabs(text) or os.path.exists(text) or text.startswith(_LOCAL_PREFIXES)
+    if looks_local or isinstance(name_or_path, os.PathLike):
+        raise CheckpointError(f"{text}: no such directory (expected a checkpoint folder)")
+    return _resolve_from_hub(text, revision, cache_dir, token, local_files_only)
+
+
+def _locate(fetch: Callable[[str], Path | None], where: str, hint: str = "") -> Checkpoint:
+    """Pick config and weights; `fetch(name)` gives a file's local path, or None if it is absent."""
+    config = fetch(CONFIG)
+    if config is None:
+        raise CheckpointError(f"{where}: no {CONFIG} found{hint}")
+    for name in _WEIGHT_NAMES:
+        if (weights := fetch(name)) is not None:
+            break
+    else:
+        raise CheckpointError(f"{where}: no weights; looked for {', '.join(_WEIGHT_NAMES)}{hint}")
+    weight_map = _read_index(weights, fetch) if name.endswith(".index.json") else None
+    return Checkpoint(
+        directory=config.parent,
+        config_path=config,
+        format="safetensors" if name.startswith(SAFE_WEIGHTS) else "bin",
+        # Shard names carry their number: sorted, they come in the order they were written.
+        weight_files=(weights,) if weight_map is None else tuple(sorted({*weight_map.values()})),
+        weight_map=weight_map,
+        generation_config_path=fetch(GENERATION_CONFIG),
+    )
+
+
+def _read_index(index_path: Path, fetch: Callable[[str], Path | None]) -> dict[str, Path]:
+    """Parse a sharded index and fetch its shards, reporting every problem at once."""
+    try:
+        index = json.loads(index_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise CheckpointError(f"{index_path}: not a readable JSON index ({e})") from e
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict):
+        raise CheckpointError(f'{index_path}: expected a JSON object with a "weight_map" object')
+    problems = [f"{k!r} maps to {v!r}" for k, v in weight_map.items() if not isinstance(v, str)]
+    shards = {v: fetch(v) for v in sorted({v for v in weight_map.values() if isinstance(v, str)})}
+    problems += [f"shard {name!r} is missing" for name, path in shards.items() if path is None]
+    if problems:
+        raise CheckpointError(f"{index_path}: bad sharded index: " + "; ".join(problems))
+    return {key: shards[name] for key, name in weight_map.items()}
+
+
+def _resolve_from_hub(repo_id, revision, cache_dir, token, local_files_only) -> Checkpoint:
+    from huggingface_hub import constants, errors, hf_hub_download
+
+    offline = _offline_from_env() if local_files_only is None else bool(local_files_only)
+    where = f"Hub repo {repo_id!r}" + (f" at revision {revision!r}" if revision else "")
+    cache = cache_dir or constants.HF_HUB_CACHE
+    hint = f" (offline: looked only in the Hugging Face cache {cache})" if offline else ""
+    options = dict(revision=revision, cache_dir=cache_dir, token=token, local_files_only=offline)
+
+    def fetch(name: str) -> Path | None:
+        try:
+            return Path(hf_hub_download(repo_id, name, **options))
+        except errors.EntryNotFoundError as e:  # not in the repo, or not in the cache if offline
+            if name == CONFIG:  # the first lookup: say why the whole repo is unavailable
+                reason = hint or f": {_line(e)}"  # offline, the hub's own reason is just noise
+                raise CheckpointError(f"{where}: cannot get {CONFIG}{reason}") from e
+            return None
+        except errors.RevisionNotFoundError as e:
+            raise CheckpointError(f"{where}: no such revision") from e
+        except errors.RepositoryNotFoundError as e:
+            raise CheckpointError(f"{where}: repository not found, or private (pass token=)") from e
+        except (errors.HFValidationError, errors.HfHubHTTPError, OSError) as e:
+            raise CheckpointError(f"{where}: cannot get {name}: {_line(e)}") from e
+
+    return _locate(fetch, where, hint)
+
+
+def _offline_from_env() -> bool:
+    """huggingface_hub reads HF_HUB_OFFLINE once at import; read the environment now as well."""
+    from huggingface_hub import constants
+
+    flags = {os.environ.get(v, "").upper() for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
+    return constants.is_offline_mode() or bool(flags & {"1", "ON", "YES", "TRUE"})
+
+
+def _line(error: Exception) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
+
+
+# ----------------------------------------------------------------------------- reading
+
+# What safetensors' numpy framework can return, by the dtype code in the file header.
+_SAFETENSORS_DTYPES = {
+    "BOOL": np.bool_, "U8": np.uint8, "I8": np.int8, "U16": np.uint16, "I16": np.int16,
+    "U32": np.uint32, "I32": np.int32, "U64": np.uint64, "I64": np.int64,
+    "F16": np.float16, "BF16": ml_dtypes.bfloat16, "F32": np.float32, "F64": np.float64,
+}  # fmt: skip
+
+
+class _SafetensorsFile:
+    """One open .safetensors file; safetensors failures become CheckpointErrors naming it."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        with self._errors():  # the whole header is parsed and checked against the size here
+            self._handle = safetensors.safe_open(str(path), framework="numpy")
+
+    @contextmanager
+    def _errors(self):
+        try:
+            yield
+        except (safetensors.SafetensorError, OSError) as e:
+            raise CheckpointError(f"{self.path}: unreadable or corrupt safetensors ({e})") from e
+
+    def keys(self) -> list[str]:
+        return list(self._handle.keys())
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self._handle.get_slice(key).get_shape())
+
+    def dtype(self, key: str) -> np.dtype:
+        code = self._handle.get_slice(key).get_dtype()
+        if code not in _SAFETENSORS_DTYPES:
+            raise CheckpointError(f"{self.path}: tensor {key!r} has unsupported dtype {code}")
+        return np.dtype(_SAFETENSORS_DTYPES[code])
+
+    def read(self, key: str) -> np.ndarray:
+        self.dtype(key)  # safetensors' numpy side fails obscurely on the dtypes numpy lacks (F8)
+        with self._errors():  # the array is a copy, not a view of the mmap: it outlives close()
+            return self._handle.get_tensor(key)
+
+    def read_slice(self, key: str, index: tuple[slice, ...]) -> np.ndarray:
+        self.dtype(key)
+        with self._errors():
+            return self._handle.get_slice(key)[index]
+
+    def close(self) -> None:
+        self._handle.__exit__(None, None, None)  # safe_open has no close(); exiting unmaps it
+
+
+def _open_weight_file(path: Path, format: str):
+    if format == "safetensors":
+        return _SafetensorsFile(path)
+    from flaxauto.converters.torch_pickle import open_torch_bin  # only .bin checkpoints need it
+
+    return open_torch_bin(path)
+
+
+class TensorSource:
+    """All tensors of a checkpoint, read one at a time with at most one weight file open."""
+
+    def __init__(self, checkpoint: Checkpoint):
+        self.checkpoint = checkpoint
+        self._file_of = None if checkpoint.weight_map is None else dict(checkpoint.weight_map)
+        self._reader, self._open_path = None, None
+
+    def keys(self) -> list[str]:
+        return list(self._files())
+
+    def keys_by_file(self) -> list[list[str]]:
+        groups: dict[Path, list[str]] = {path: [] for path in self.checkpoint.weight_files}
+        for key, path in self._files().items():
+            groups[path].append(key)
+        return list(groups.values())
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self._reader_for(key).shape(key))
+
+    def dtype(self, key: str) -> np.dtype:
+        return np.dtype(self._reader_for(key).dtype(key))
+
+    def read(self, key: str) -> np.ndarray:
+        return self._reader_for(key).read(key)
+
+    def read_slice(self, key: str, index: tuple[slice, ...]) -> np.ndarray:
+        """`read(key)[index]` with numpy semantics, reading only the block the slices cover."""
+        shape, index = self.shape(key), index if isinstance(index, tuple) else (index,)
+        block, steps, out_shape = _plan_slices(index, shape)
+        if not shape:
+            return self.read(key)
+        if 0 in out_shape:  # the readers reject empty ranges, and there is nothing to read
+            return np.empty(out_shape, self.dtype(key))
+        part = self._reader_for(key).read_slice(key, block)
+        if all(step.step == 1 for step in steps):
+            return part
+        return np.ascontiguousarray(part[steps])  # a copy, so the block can be freed
+
+    def close(self) -> None:
+        if self._reader is not None:
+            self._reader.close()
+        self._reader, self._open_path = None, None
+
+    def __enter__(self) -> TensorSource:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _files(self) -> dict[str, Path]:
+        if self._file_of is None:  # a single file: its own header is the only list of keys
+            (path,) = self.checkpoint.weight_files
+            self._file_of = dict.fromkeys(self._open(path).keys(), path)
+        return self._file_of
+
+    def _reader_for(self, key: str):
+        if key not in self._files():
+            raise KeyError(f"{key!r}: no such tensor in checkpoint {self.checkpoint.directory}")
+        return self._open(self._file_of[key])
+
+    def _open(self, path: Path):
+        if path != self._open_path:
+            self.close()  # done with one file before the next is opened, so memory stays flat
+            reader = _open_weight_file(path, self.checkpoint.format)
+            if self.checkpoint.weight_map is not None:
+                _check_shard(path, reader, self.checkpoint.weight_map)
+            self._reader, self._open_path = reader, path
+        return self._reader
+
+
+def open_tensors(checkpoint: Checkpoint) -> TensorSource:
+    return TensorSource(checkpoint)
+
+
+def _check_shard(path: Path, reader, weight_map: dict[str, Path]) -> None:
+    """The index is only a promise; check it when the shard is opened, before any read."""
+    missing = sorted({k for k, shard in weight_map.items() if shard == path} - set(reader.keys()))
+    if missing:
+        reader.close()
+        shown = ", ".join(map(repr, missing[:10])) + (", ..." if len(missing) > 10 else "")
+        raise CheckpointError(
+            f"{path}: lacks {len(missing)} tensor(s) the index puts there: {shown}"
+        )
+
+
+def _plan_slices(index: tuple[slice, ...], shape: tuple[int, ...]):
+    """Turn numpy slices into one in-bounds, unit-step block per axis plus steps to take within it.
+
+    The readers only take such blocks; numpy semantics (negative or out-of-range bounds, steps)
+    are applied here so that every format behaves alike.
+    """
+    if len(index) > len(shape) or not all(isinstance(s, slice) for s in index):
+        raise IndexError(f"expected at most {len(shape)} slices for shape {shape}, got {index!r}")
+    index += (slice(None),) * (len(shape) - len(index))
+    picked = [range(*s.indices(size)) for s, size in zip(index, shape, strict=True)]
+    ends = [sorted((r[0], r[-1])) if r else (0, -1) for r in picked]
+    block = tuple(slice(first, last + 1) for first, last in ends)
+    # The first and last picked items are the block's ends, so a bare step walks the rest.
+    return block, tuple(slice(None, None, r.step) for r in picked), tuple(map(len, picked))
+
+
+# ----------------------------------------------------------------------------- writing
+
+_UNITS = {"GIB": 2**30, "MIB": 2**20, "KIB": 2**10, "GB": 10**9, "MB": 10**6, "KB": 10**3}
+
+
+def parse_size(size: int | str) -> int:
+    """Bytes in "5GB", "500MB", "10GiB", "100KB"; as in transformers, "5Gb" (small b) means bits."""
+    if isinstance(size, int):
+        return size
+    match = re.fullmatch(r"\s*(\d+)\s*([A-Za-z]+)\s*", str(size))
+    unit = match.group(2).upper() if match else ""
+    if unit not in _UNITS:
+        raise ValueError(f"invalid size {size!r}: use an integer or e.g. '5GB', '500MB', '10GiB'")
+    n = int(match.group(1)) * _UNITS[unit]
+    return n // 8 if "I" not in unit and match.group(2).endswith("b") else n
+
+
+def save_safetensors(
+    directory,
+    tensors: Iterable[tuple[str, np.ndarray]] | Mapping[str, np.ndarray],
+    *,
+    max_shard_size: int | str = "5GB",
+    metadata: dict[str, str] | None = None,
+    extra_files: Mapping[str, str | bytes] = MappingProxyType({}),
+) -> list[Path]:
+    """Write model.safetensors, or shards plus an index once past `max_shard_size`; all or nothing.
+
+    Tensors are streamed, holding at most one shard in memory. Every file is first written under
+    a temporary name in `directory` and renamed into place only when all exist, so a failure part
+    way leaves an earlier checkpoint there untouched.
+    """
+    directory, limit = Path(directory), parse_size(max_shard_size)
+    for name in extra_files:
+        if Path(name).name != name or name in {".", ".."} or _is_weight_file(name):
+            raise ValueError(f"extra file {name!r}: need a plain file name, not a weight file's")
+    directory.mkdir(parents=True, exist_ok=True)
+    prefix = f".tmp-{uuid.uuid4().hex}-"  # unique, so cleanup finds exactly this save's files
+    header = {"format": "pt", **(metadata or {})}  # transformers refuses files without a format
+    try:
+        pending = _write_weights(directory, prefix, _checked(tensors), limit, header)
+        for name, content in extra_files.items():
+            pending.append((_write(directory / f"{prefix}{name}", content), name))
+        for temp, name in pending:  # weights first, index and config last
+            os.replace(temp, directory / name)
+    except BaseException:
+        for temp in directory.glob(f"{prefix}*"):
+            temp.unlink(missing_ok=True)
+        raise
+    written = [directory / name for _, name in pending]
+    for old in directory.iterdir():  # weights of an earlier save that this one replaces
+        if _is_weight_file(old.name) and old not in written:
+            old.unlink()
+    return written
+
+
+def _write_weights(directory: Path, prefix: str, items, limit: int, metadata: dict[str, str]):
+    """Write shards under temporary names; return (temporary path, final name) pairs."""
+    temps, shard_of, total_size, total_parameters = [], {}, 0, 0
+    # No enumerate(): its cached result tuple would keep the last shard alive while the next fills.
+    for shard in _group_into_shards(items, limit):
+        temps.append(directory / f"{prefix}{len(temps) + 1:05d}.safetensors")
+        safetensors.numpy.save_file(shard, temps[-1], metadata=metadata)
+        shard_of.update(dict.fromkeys(shard, len(temps)))
+        total_size += sum(array.nbytes for array in shard.values())
+        total_parameters += sum(array.size for array in shard.values())
+        del shard  # likewise, or this shard stays alive while the generator gathers the next one
+    if len(temps) == 1:
+        return [(temps[0], SAFE_WEIGHTS)]
+    names = [f"model-{i:05d}-of-{len(temps):05d}.safetensors" for i in range(1, len(temps) + 1)]
+    index = {  # what transformers writes, byte for byte
+        "metadata": {"total_parameters": total_parameters, "total_size": total_size},
+        "weight_map": {key: names[number - 1] for key, number in shard_of.items()},
+    }
+    text = json.dumps(index, indent=2, sort_keys=True) + "\n"
+    index_temp = _write(directory / f"{prefix}{SAFE_INDEX}", text)
+    return [*zip(temps, names, strict=True), (index_temp, SAFE_INDEX)]
+
+
+def _checked(tensors) -> Iterator[tuple[str, np.ndarray]]:
+    seen = set()
+    for name, value in tensors.items() if isinstance(tensors, Mapping) else tensors:
+        if not isinstance(name, str) or name in seen:
+            raise ValueError(f"tensor name {name!r}: names must be unique strings")
+        seen.add(name)
+        # safetensors writes raw memory, so it needs C order; np.ascontiguousarray makes 0-d 1-d.
+        yield name, np.array(value, copy=None, order="C")
+
+
+def _group_into_shards(items, limit: int) -> Iterator[dict[str, np.ndarray]]:
+    """Greedy, in order: a shard closes when the next tensor would push it past `limit` bytes."""
+    shard, size = {}, 0
+    for name, array in items:
+        if shard and size + array.nbytes > limit:
+            yield shard
+            shard, size = {}, 0
+        shard[name] = array
+        size += array.nbytes
+    yield shard  # always at least one file, even for no tensors
+
+
+def _write(path: Path, content: str | bytes) -> Path:
+    path.write_bytes(content.encode("utf-8") if isinstance(content, str) else content)
+    return path
+
+
+def _is_weight_file(name: str) -> bool:
+    return name in (SAFE_WEIGHTS, SAFE_INDEX) or _SHARD_NAME.fullmatch(name) is not None
