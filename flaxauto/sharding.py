@@ -44,7 +44,9 @@ def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, devices=None) -> M
     known = int(np.prod([s for s in sizes if s != -1]))
     sizes = [devices.size // known if s == -1 else s for s in sizes]
     if int(np.prod(sizes)) != devices.size:
-        raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes, strict=True))} does not use {devices.size} devices")
+        raise ValueError(
+            f"mesh {dict(zip(MESH_AXES, sizes, strict=True))} does not use {devices.size} devices"
+        )
     return Mesh(devices.reshape(sizes), MESH_AXES)
 
 
@@ -84,16 +86,22 @@ def variable_sharding(variable: nnx.Variable, shape, mesh: Mesh, rules: Rules) -
     return NamedSharding(mesh, partition_spec(axes, shape, mesh, rules))
 
 
-def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
-    """Inputs split over the batch dimension on every data-like mesh axis."""
-    batch_axes = tuple(a for a in ("data", "fsdp") if a in mesh.shape)
-    return NamedSharding(mesh, PartitionSpec(batch_axes, *([None] * (ndim - 1))))
+def batch_sharding(mesh: Mesh, shape: Sequence[int]) -> NamedSharding:
+    """Split the batch dimension over the data-like mesh axes that divide it (else replicate)."""
+    for axes in (("data", "fsdp"), ("data",), ("fsdp",)):
+        axes = tuple(a for a in axes if a in mesh.shape)
+        size = int(np.prod([mesh.shape[a] for a in axes])) if axes else 1
+        if axes and shape and shape[0] % size == 0:
+            return NamedSharding(mesh, PartitionSpec(axes, *([None] * (len(shape) - 1))))
+    return NamedSharding(mesh, PartitionSpec())
 
 
 def shard_batch(batch: Mapping, mesh: Mesh) -> dict:
     """Place every array of a batch split over its first dimension."""
     return {
-        name: None if value is None else jax.device_put(value, batch_sharding(mesh, np.ndim(value)))
+        name: None
+        if value is None
+        else jax.device_put(value, batch_sharding(mesh, np.shape(value)))
         for name, value in batch.items()
     }
 

@@ -45,7 +45,7 @@ class MaskedLMHead(Head):
             logits = backbone.get_input_embeddings().attend(hidden)  # [B, T, V]
         else:
             logits = self.decoder(hidden)
-        logits = logits + self.bias[...].astype(logits.dtype)
+        logits = logits + self.bias[...].astype(logits.dtype)[None, None, :]
         loss = None
         if labels is not None:
             loss = losses.cross_entropy(

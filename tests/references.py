@@ -1,0 +1,186 @@
+"""Live references for the tests: tiny seeded transformers PyTorch models, their checkpoints and
+inputs. Every number a test checks is computed here from PyTorch, never typed in."""
+
+from __future__ import annotations
+
+import functools
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import transformers
+
+import flaxauto
+from flaxauto.auto import transformers_class_name
+
+#: A tiny config per model_type: small enough to run every head in seconds.
+TINY_CONFIGS = {
+    "bert": dict(
+        vocab_size=99,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=37,
+        max_position_embeddings=64,
+        type_vocab_size=3,
+        num_labels=3,
+    ),
+}
+
+#: Families whose backbone takes token_type_ids.
+USES_TOKEN_TYPES = {"bert"}
+
+#: Output fields compared per task.
+TASK_FIELDS = {
+    "base": ("last_hidden_state", "pooler_output"),
+    "question-answering": ("start_logits", "end_logits"),
+}
+
+BATCH, CHOICES, LENGTH = 4, 2, 9
+
+
+def tiny_config(model_type: str, task: str = "base", **overrides):
+    kwargs = dict(TINY_CONFIGS[model_type])
+    if task == "question-answering":
+        kwargs["num_labels"] = 2  # start and end
+    kwargs.update(overrides)
+    return transformers.AutoConfig.for_model(model_type, **kwargs)
+
+
+def torch_class(model_type: str, task: str):
+    return getattr(transformers, transformers_class_name(model_type, task))
+
+
+def torch_model(model_type: str, task: str, seed: int = 0, **overrides):
+    torch.manual_seed(seed)
+    config = tiny_config(model_type, task, **overrides)
+    # eager attention: the reference may be asked for attention probabilities
+    config._attn_implementation = "eager"
+    model = torch_class(model_type, task)(config).eval()
+    _randomize_zero_initialised(model)
+    return model
+
+
+def _randomize_zero_initialised(model) -> None:
+    """transformers initialises biases to 0 and norms to 1; a parity test must see them move."""
+    generator = torch.Generator().manual_seed(1234)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("bias") or "LayerNorm" in name or "layer_norm" in name:
+                param.add_(0.1 * torch.randn(param.shape, generator=generator))
+
+
+def text_inputs(model_type: str, task: str, seed: int = 0) -> dict[str, np.ndarray]:
+    """A right-padded batch with token types; multiple choice gets [B, C, T]."""
+    rng = np.random.default_rng(seed)
+    config = TINY_CONFIGS[model_type]
+    shape = (BATCH, CHOICES, LENGTH) if task == "multiple-choice" else (BATCH, LENGTH)
+    lengths = rng.integers(3, LENGTH + 1, size=shape[:-1])
+    lengths.flat[0] = LENGTH  # at least one sequence without padding
+    mask = (np.arange(LENGTH) < lengths[..., None]).astype(np.int64)
+    ids = rng.integers(1, config["vocab_size"], size=shape) * mask
+    inputs = {"input_ids": ids, "attention_mask": mask}
+    if model_type in USES_TOKEN_TYPES:
+        inputs["token_type_ids"] = rng.integers(0, config["type_vocab_size"], size=shape) * mask
+    return inputs
+
+
+def task_labels(model, task: str, inputs, seed: int = 0) -> dict[str, np.ndarray]:
+    """Labels of the right kind for a task (some ignored with -100 where the task allows it)."""
+    rng = np.random.default_rng(seed + 1)
+    config = model.config
+    ids = inputs["input_ids"]
+    if task == "sequence-classification":
+        return {"labels": rng.integers(0, config.num_labels, size=ids.shape[0])}
+    if task in ("token-classification", "masked-lm"):
+        high = config.num_labels if task == "token-classification" else config.vocab_size
+        labels = rng.integers(0, high, size=ids.shape)
+        labels[inputs["attention_mask"] == 0] = -100
+        return {"labels": labels}
+    if task == "multiple-choice":
+        return {"labels": rng.integers(0, ids.shape[1], size=ids.shape[0])}
+    if task == "next-sentence-prediction":
+        return {"labels": rng.integers(0, 2, size=ids.shape[0])}
+    if task == "question-answering":
+        # one position past the end: transformers clamps it and ignores it
+        starts = rng.integers(0, ids.shape[1], size=ids.shape[0])
+        starts[0] = ids.shape[1] + 3
+        return {
+            "start_positions": starts,
+            "end_positions": rng.integers(0, ids.shape[1], size=ids.shape[0]),
+        }
+    return {}
+
+
+def run_torch(model, inputs, **kwargs) -> dict[str, np.ndarray | None]:
+    with torch.no_grad():
+        tensors = {k: torch.as_tensor(np.asarray(v)) for k, v in inputs.items()}
+        out = model(**tensors, **kwargs)
+    return out
+
+
+def to_numpy(value):
+    if value is None:
+        return None
+    if isinstance(value, tuple):
+        return tuple(to_numpy(v) for v in value)
+    if isinstance(value, torch.Tensor):
+        return value.detach().float().numpy()
+    return np.asarray(value, dtype=np.float32)
+
+
+def max_diff(a, b) -> float:
+    return float(np.max(np.abs(to_numpy(a) - to_numpy(b))))
+
+
+def save_bin(model, directory: Path) -> Path:
+    """A pytorch_model.bin checkpoint (transformers 5 writes only safetensors)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    model.config.save_pretrained(directory)
+    torch.save(model.state_dict(), directory / "pytorch_model.bin")
+    return directory
+
+
+def task_pairs() -> list[tuple[str, str]]:
+    """Every (model_type, task) the registry serves."""
+    return [(mt, task) for mt, tasks in flaxauto.supported().items() for task in tasks]
+
+
+@dataclass
+class Case:
+    """One (model_type, task): the PyTorch model, its checkpoints and reference outputs."""
+
+    model_type: str
+    task: str
+    torch_model: object
+    safetensors_dir: Path
+    bin_dir: Path
+    inputs: dict
+    labels: dict
+    reference: object  # the PyTorch output, with labels where the task has them
+
+    @property
+    def fields(self) -> tuple[str, ...]:
+        fields = TASK_FIELDS.get(self.task, ("logits",))
+        return tuple(f for f in fields if getattr(self.reference, f, None) is not None)
+
+    @functools.cached_property
+    def auto_class(self):
+        return getattr(flaxauto, flaxauto.auto.TASK_AUTO_CLASSES[self.task])
+
+
+def make_case(model_type: str, task: str, root: Path) -> Case:
+    model = torch_model(model_type, task)
+    safetensors_dir = root / "safetensors"
+    model.save_pretrained(safetensors_dir)
+    bin_dir = save_bin(model, root / "bin")
+    inputs = text_inputs(model_type, task)
+    labels = task_labels(model, task, inputs)
+    reference = run_torch(model, {**inputs, **labels})
+    return Case(model_type, task, model, safetensors_dir, bin_dir, inputs, labels, reference)
+
+
+def read_json(path: Path) -> dict:
+    return json.loads(Path(path).read_text())
