@@ -21,6 +21,7 @@ import ml_dtypes
 import numpy as np
 import safetensors
 import safetensors.numpy
+
 from flaxauto.converters.errors import CheckpointError
 
 SAFE_WEIGHTS = "model.safetensors"

@@ -15,9 +15,10 @@ from dataclasses import dataclass, field
 
 import jax
 import numpy as np
+from tqdm.auto import tqdm
+
 from flaxauto.converters.errors import CheckpointError
 from flaxauto.converters.layout import LEGACY_LEAVES, Slot, parameter_slots, tied_names
-from tqdm.auto import tqdm
 
 logger = logging.getLogger("flaxauto")
 
@@ -81,9 +82,9 @@ def plan_load(model, source, ignore_mismatched_sizes: bool = False) -> _Plan:
             continue
         shape = tuple(source.shape(key))
         if shape != slot.torch_shape:
+            reinitialized.add(slot.torch_name)  # reported as mis-shaped, not also as missing
             if ignore_mismatched_sizes:
                 plan.info.mismatched_keys.append((key, shape, slot.torch_shape))
-                reinitialized.add(slot.torch_name)
                 continue
             plan.problems.append(
                 f"mis-shaped: {key} is {shape} in the checkpoint, the model expects "

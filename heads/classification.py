@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import jax.numpy as jnp
-from flaxauto.heads import losses
-from flaxauto.heads.base import Head, PooledProjection, classifier_dropout_rate
 
 from flaxauto import layers, outputs
+from flaxauto.heads import losses
+from flaxauto.heads.base import Head, PooledProjection, classifier_dropout_rate
 
 
 def _extras(features) -> dict:

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 from flax import nnx
-from flaxauto.heads import losses
-from flaxauto.heads.base import Head
 
 from flaxauto import layers, outputs
+from flaxauto.heads import losses
+from flaxauto.heads.base import Head
 
 
 class MaskedLMHead(Head):

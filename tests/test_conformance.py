@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 import torch
 from flax import nnx
-from references import TINY_CONFIGS, make_case, max_diff, task_pairs, tiny_config
 
 import flaxauto
 from flaxauto import modeling
+from references import TINY_CONFIGS, make_case, max_diff, task_pairs, tiny_config
 
 TOLERANCE = 1e-4
 PAIRS = task_pairs()

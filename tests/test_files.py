@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import safetensors
 import safetensors.numpy
+
 from flaxauto.converters.errors import CheckpointError
 from flaxauto.converters.files import (
     BIN_INDEX,

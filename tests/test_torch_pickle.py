@@ -11,6 +11,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 import torch
+
 from flaxauto.converters.errors import CheckpointError, UnsafeCheckpointError
 from flaxauto.converters.torch_pickle import open_torch_bin
 
