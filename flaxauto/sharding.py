@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
@@ -119,6 +120,9 @@ def shard_model(model: nnx.Module, mesh: Mesh, rules: Rules | str | None = None)
 
 
 def replicate(tree, devices=None):
-    """Stack a pytree (e.g. `nnx.state(model)`) once per local device, for `jax.pmap`."""
-    devices = jax.local_devices() if devices is None else devices
-    return jax.device_put_replicated(tree, devices)
+    """Copy a pytree (e.g. `nnx.state(model)`) onto each local device with a leading device
+    axis, for `jax.pmap`."""
+    devices = list(jax.local_devices() if devices is None else devices)
+    stacked = jax.tree.map(lambda x: jnp.broadcast_to(x[None], (len(devices), *x.shape)), tree)
+    mesh = Mesh(np.asarray(devices), ("devices",))
+    return jax.device_put(stacked, NamedSharding(mesh, PartitionSpec("devices")))

@@ -422,3 +422,31 @@ def test_bfloat16_checkpoint_upcasts_to_float32_params(tmp_path):
     assert kernel.dtype == jnp.float32
     expected = torch_task.classifier.weight.detach().float().numpy().T
     assert np.array_equal(np.asarray(kernel), expected)
+
+
+def test_loading_streams_one_tensor_at_a_time(tmp_path):
+    """Host memory while loading stays near one tensor, far below the checkpoint's size
+    (parameters live in device buffers, which tracemalloc does not see)."""
+    import tracemalloc
+
+    config = tiny_config(
+        "bert", vocab_size=1000, hidden_size=256, intermediate_size=1024, num_hidden_layers=6
+    )
+    transformers.BertModel(config).save_pretrained(tmp_path)
+    model = transformers.BertModel(config)
+    sizes = [p.numel() * 4 for p in model.parameters()]
+    tracemalloc.start()
+    try:
+        flaxauto.AutoModel.from_pretrained(tmp_path)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 4 * max(sizes) < sum(sizes) / 4, (peak, max(sizes), sum(sizes))
+
+
+def test_progress_bar_only_when_asked(bert_base, capsys):
+    _, directory = bert_base
+    flaxauto.AutoModel.from_pretrained(directory)
+    assert "loading" not in capsys.readouterr().err  # stderr is not a terminal here
+    flaxauto.AutoModel.from_pretrained(directory, progress=True)
+    assert "loading" in capsys.readouterr().err
