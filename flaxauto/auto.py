@@ -159,8 +159,8 @@ def lookup(model_type: str, task: str) -> tuple[Family, HeadSpec]:
 
 def transformers_class_name(model_type: str, task: str) -> str | None:
     """The transformers PyTorch class that serves (model_type, task), e.g. BertForMaskedLM."""
-    from transformers.models.auto import modeling_auto
-
+    # Imported as a file, not through transformers' lazy package, which refuses without torch.
+    modeling_auto = importlib.import_module("transformers.models.auto.modeling_auto")
     mapping = getattr(modeling_auto, TRANSFORMERS_MAPPINGS[task], {})
     name = mapping.get(model_type)
     return name if isinstance(name, str) else None

@@ -450,3 +450,26 @@ def test_progress_bar_only_when_asked(bert_base, capsys):
     assert "loading" not in capsys.readouterr().err  # stderr is not a terminal here
     flaxauto.AutoModel.from_pretrained(directory, progress=True)
     assert "loading" in capsys.readouterr().err
+
+
+def test_loading_and_saving_never_import_torch(bert_classifier, tmp_path):
+    """torch is a test-only dependency: an interpreter where torch cannot be imported (as if not
+    installed; transformers then skips it too) loads .bin and safetensors and saves."""
+    import subprocess
+    import sys
+
+    torch_task, directory = bert_classifier
+    save_bin(torch_task, tmp_path / "bin")
+    script = f"""
+import sys
+sys.modules["torch"] = None  # `import torch` now fails and find_spec("torch") says absent
+import flaxauto
+for path in ({str(directory)!r}, {str(tmp_path / "bin")!r}):
+    model = flaxauto.AutoModelForSequenceClassification.from_pretrained(path)
+model.save_pretrained({str(tmp_path / "out")!r})
+flaxauto.AutoModel.from_pretrained({str(tmp_path / "out")!r})
+print("torch-free")
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "torch-free" in result.stdout
