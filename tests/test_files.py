@@ -166,17 +166,13 @@ def test_unknown_key_is_a_key_error_naming_the_checkpoint(tmp_path):
 
 
 def test_transformers_loads_what_we_save_and_we_read_what_it_saves(tmp_path):
-    torch = pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
-    config = transformers.BertConfig(
-        vocab_size=99,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=37,
-    )
-    torch.manual_seed(0)
-    model = transformers.BertModel(config)
+    import torch
+    import transformers
+
+    from references import torch_model
+
+    model = torch_model("bert", "base")
+    config = model.config
     state = {k: v.detach().numpy() for k, v in model.state_dict().items()}
 
     ours = tmp_path / "ours"

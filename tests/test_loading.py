@@ -33,20 +33,21 @@ def _write(directory, config, tensors: dict) -> str:
     return str(directory)
 
 
-@pytest.fixture(scope="module")
-def bert_base(tmp_path_factory):
-    model = torch_model("bert", "base")
-    directory = tmp_path_factory.mktemp("bert-base")
+def _saved(task: str, tmp_path_factory):
+    model = torch_model("bert", task)
+    directory = tmp_path_factory.mktemp(f"bert-{task}")
     model.save_pretrained(directory)
     return model, directory
+
+
+@pytest.fixture(scope="module")
+def bert_base(tmp_path_factory):
+    return _saved("base", tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
 def bert_classifier(tmp_path_factory):
-    model = torch_model("bert", "sequence-classification")
-    directory = tmp_path_factory.mktemp("bert-seqcls")
-    model.save_pretrained(directory)
-    return model, directory
+    return _saved("sequence-classification", tmp_path_factory)
 
 
 # --- base and task checkpoints ------------------------------------------------------------------

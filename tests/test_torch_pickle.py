@@ -112,15 +112,9 @@ def test_parameters_and_uint16(tmp_path):
 
 
 def test_real_transformers_state_dict(tmp_path):
-    transformers = pytest.importorskip("transformers")
-    cfg = transformers.BertConfig(
-        vocab_size=99,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=37,
-    )
-    state = transformers.BertModel(cfg).state_dict()
+    from references import torch_model
+
+    state = torch_model("bert", "base").state_dict()
     # transformers 5 always writes safetensors from save_pretrained, so torch.save directly.
     path = _save(tmp_path, state, name="pytorch_model.bin")
     with open_torch_bin(path) as reader:
