@@ -14,10 +14,14 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from flaxauto.layers import Conv1D
+
 # module type -> flax leaf -> (PyTorch leaf, layout). Layout "linear" transposes [in, out] <->
 # [out, in]; "conv" moves [*spatial, in, out] <-> [out, in, *spatial]; None keeps the array.
+# A subclass takes its nearest listed base's entry (flaxauto.layers.RMSNorm is an nnx.RMSNorm).
 LAYOUTS: dict[type, dict[str, tuple[str, str | None]]] = {
     nnx.Linear: {"kernel": ("weight", "linear"), "bias": ("bias", None)},
+    Conv1D: {"kernel": ("weight", None), "bias": ("bias", None)},  # GPT-2 stores [in, out]
     nnx.Conv: {"kernel": ("weight", "conv"), "bias": ("bias", None)},
     nnx.LayerNorm: {"scale": ("weight", None), "bias": ("bias", None)},
     nnx.RMSNorm: {"scale": ("weight", None)},
@@ -83,10 +87,10 @@ def _rename(local: str, names) -> str:
 def parameter_slots(model) -> dict[str, Slot]:
     """Every parameter of a flaxauto model, keyed by its transformers PyTorch name."""
     family, spec = model.family, model.head_spec
-    prefix = "" if model.task == "base" else family.base_model_prefix + "."
+    prefix = "" if model.task == "base" else base_model_prefix(model) + "."
     slots: dict[str, Slot] = {}
     for path, module in nnx.iter_modules(model):
-        leaves = LAYOUTS.get(type(module), {})
+        leaves = next((LAYOUTS[t] for t in type(module).__mro__ if t in LAYOUTS), {})
         for attr, variable in vars(module).items():
             if not isinstance(variable, nnx.Param):
                 continue
@@ -103,8 +107,14 @@ def parameter_slots(model) -> dict[str, Slot]:
     return slots
 
 
+def base_model_prefix(model) -> str:
+    """transformers' attribute name for the backbone in this task model (a task may differ from
+    its family: LlamaForQuestionAnswering keeps "transformer")."""
+    return model.head_spec.base_model_prefix or model.family.base_model_prefix
+
+
 def _kind(attr: str, layout: str | None) -> str:
-    if layout in ("linear", "conv") or attr == "embedding":
+    if layout in ("linear", "conv") or attr in ("kernel", "embedding"):
         return "kernel"
     return "scale" if attr == "scale" else "bias"
 
@@ -120,6 +130,10 @@ def tied_names(model) -> set[str]:
 def initial_value(slot: Slot, key: jax.Array, std: float) -> jax.Array:
     """transformers' _init_weights: kernels ~ N(0, initializer_range), norms 1, biases 0."""
     shape, dtype = slot.shape, slot.dtype
+    if slot.variable.get_metadata("init", None) == "sinusoidal":
+        from flaxauto.layers import sinusoidal_table
+
+        return sinusoidal_table(*shape).astype(dtype)
     if slot.kind == "kernel":
         return (std * jax.random.normal(key, shape, jnp.float32)).astype(dtype)
     if slot.kind == "scale":

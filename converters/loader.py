@@ -18,7 +18,13 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from flaxauto.converters.errors import CheckpointError
-from flaxauto.converters.layout import LEGACY_LEAVES, Slot, parameter_slots, tied_names
+from flaxauto.converters.layout import (
+    LEGACY_LEAVES,
+    Slot,
+    base_model_prefix,
+    parameter_slots,
+    tied_names,
+)
 
 logger = logging.getLogger("flaxauto")
 
@@ -67,7 +73,7 @@ def _candidates(key: str, prefix: str, renames) -> list[str]:
 
 def plan_load(model, source, ignore_mismatched_sizes: bool = False) -> _Plan:
     family = model.family
-    prefix = family.base_model_prefix + "."
+    prefix = base_model_prefix(model) + "."
     slots = parameter_slots(model)
     tied = tied_names(model)
     backbone_roots = {name.split(".")[0] for name in _backbone_names(slots, prefix)}

@@ -52,7 +52,22 @@ TRANSFORMERS_MAPPINGS = {
     "table-question-answering": "MODEL_FOR_TABLE_QUESTION_ANSWERING_MAPPING_NAMES",
 }
 
-BUILTIN_FAMILIES = ("bert",)
+BUILTIN_FAMILIES = ("bert", "roberta", "distilbert")
+
+
+@dataclass(frozen=True)
+class ConfigAttr:
+    """A head or backbone option read from the config when the model is built, e.g.
+    `dropout_rate=ConfigAttr("seq_classif_dropout")`."""
+
+    name: str
+
+    def resolve(self, config):
+        return getattr(config, self.name)
+
+
+def resolve_options(options: Mapping[str, Any], config) -> dict[str, Any]:
+    return {k: v.resolve(config) if isinstance(v, ConfigAttr) else v for k, v in options.items()}
 
 
 @dataclass(frozen=True)
@@ -64,12 +79,15 @@ class HeadSpec:
         their own names (e.g. {"classifier.out": "classifier"}).
     options: keyword arguments for the head; backbone_options: for the backbone
         (e.g. {"add_pooling_layer": False}).
+    base_model_prefix: where this task's transformers class differs from its family's
+        (LlamaForQuestionAnswering: "transformer"); None keeps the family's.
     """
 
     head: type | None
     names: Mapping[str, str] = field(default_factory=dict)
     options: Mapping[str, Any] = field(default_factory=dict)
     backbone_options: Mapping[str, Any] = field(default_factory=dict)
+    base_model_prefix: str | None = None
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 Array = jax.Array
@@ -44,9 +45,10 @@ def linear(
     rngs: nnx.Rngs,
     *,
     use_bias: bool = True,
+    module: type[nnx.Linear] = nnx.Linear,
 ) -> nnx.Linear:
     """A Linear layer; the kernel is [in, out] (PyTorch stores the transpose)."""
-    return nnx.Linear(
+    return module(
         in_features,
         out_features,
         use_bias=use_bias,
@@ -76,18 +78,71 @@ def layer_norm(features: int, eps: float, precision: Precision, rngs: nnx.Rngs) 
     )
 
 
+class Conv1D(nnx.Linear):
+    """GPT-2's "Conv1D": a Linear whose PyTorch weight is stored [in, out], already the flax
+    kernel layout, so converters.layout maps it without a transpose."""
+
+
+def conv1d(in_features: int, out_features: int, axes, precision: Precision, rngs) -> Conv1D:
+    return linear(in_features, out_features, axes, precision, rngs, module=Conv1D)
+
+
+class RMSNorm(nnx.RMSNorm):
+    """RMSNorm in transformers' order (LlamaRMSNorm): normalise in float32, cast back to the
+    input dtype, then scale. flax's RMSNorm scales before casting, which rounds differently in
+    bf16."""
+
+    def __call__(self, x: Array) -> Array:
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.epsilon)
+        scale = self.scale[...].reshape((1,) * (x.ndim - 1) + (-1,))
+        out = scale * normed.astype(x.dtype)
+        return out.astype(self.dtype or out.dtype)
+
+
+def rms_norm(features: int, eps: float, precision: Precision, rngs: nnx.Rngs) -> RMSNorm:
+    return RMSNorm(
+        features,
+        epsilon=eps,
+        dtype=precision.dtype,
+        param_dtype=precision.param_dtype,
+        scale_init=_ONES,
+        scale_metadata=_axes("embed"),
+        rngs=rngs,
+    )
+
+
 def embedding(
-    num: int, features: int, axes: tuple[str | None, str | None], precision: Precision, rngs
+    num: int,
+    features: int,
+    axes: tuple[str | None, str | None],
+    precision: Precision,
+    rngs,
+    *,
+    init: str | None = None,
 ) -> nnx.Embed:
+    """An embedding table [num, features]; init="sinusoidal" for fixed sin/cos tables
+    (initialised that way by from_config; checkpoints carry the table like any other)."""
+    metadata = _axes(*axes) | ({"init": init} if init else {})
     return nnx.Embed(
         num,
         features,
         dtype=precision.dtype,
         param_dtype=precision.param_dtype,
         embedding_init=_ZEROS,
-        embedding_metadata=_axes(*axes),
+        embedding_metadata=metadata,
         rngs=rngs,
     )
+
+
+def sinusoidal_table(num: int, features: int) -> jax.Array:
+    """[num, features]: sin on even features, cos on odd, frequency 10000^(-2*(j//2)/features).
+
+    Computed in float64 on the host, as transformers does, then rounded once."""
+    positions = np.arange(num, dtype=np.float64)[:, None]
+    angles = positions / np.power(10000.0, 2 * (np.arange(features) // 2) / features)[None, :]
+    table = np.where(np.arange(features)[None, :] % 2 == 0, np.sin(angles), np.cos(angles))
+    return jnp.asarray(table.astype(np.float32))
 
 
 def dropout(rate: float, rngs: nnx.Rngs) -> nnx.Dropout:
@@ -149,24 +204,66 @@ def padding_bias(attention_mask: Array | None, dtype=jnp.float32) -> Array | Non
 
 def dot_product_attention(
     query: Array,  # [B, T, H, D]
-    key: Array,  # [B, S, H, D]
-    value: Array,  # [B, S, H, D]
-    bias: Array | None,  # broadcastable to [B, H, T, S]
+    key: Array,  # [B, S, K, D], K divides H (K < H: grouped- or multi-query attention)
+    value: Array,  # [B, S, K, D]
+    bias: Array | None,  # [B, 1, T or 1, S]: the same for every head
     probs_dropout: nnx.Dropout | None = None,
+    *,
+    scale: float | None = None,  # default 1/sqrt(D)
 ) -> tuple[Array, Array]:
     """Softmax attention; scores and softmax in float32 whatever the compute dtype.
 
-    Returns the context [B, T, H, D] and the attention probabilities [B, H, T, S].
+    Each group of H/K query heads shares one key/value head; the keys are never repeated in
+    memory (decoding reads the KV cache once per step). Returns the context [B, T, H, D] and the
+    attention probabilities [B, H, T, S].
     """
-    scale = 1.0 / math.sqrt(query.shape[-1])
-    scores = jnp.einsum("bthd,bshd->bhts", query, key, preferred_element_type=jnp.float32)
+    batch, length, heads, depth = query.shape
+    kv_heads = key.shape[2]
+    scale = 1.0 / math.sqrt(depth) if scale is None else scale
+    grouped = query.reshape(batch, length, kv_heads, heads // kv_heads, depth)  # [B, T, K, G, D]
+    scores = jnp.einsum("btkgd,bskd->bkgts", grouped, key, preferred_element_type=jnp.float32)
     scores = scores * scale
     if bias is not None:
-        scores = scores + bias.astype(jnp.float32)
-    probs = jax.nn.softmax(scores, axis=-1)
+        scores = scores + bias.astype(jnp.float32)[:, :, None]
+    probs = jax.nn.softmax(scores, axis=-1)  # [B, K, G, T, S]
     weights = probs if probs_dropout is None else probs_dropout(probs)
-    context = jnp.einsum("bhts,bshd->bthd", weights.astype(value.dtype), value)
-    return context, probs
+    context = jnp.einsum("bkgts,bskd->btkgd", weights.astype(value.dtype), value)
+    probs = probs.reshape(batch, heads, length, key.shape[1])
+    return context.reshape(batch, length, heads, depth), probs
+
+
+def qkv_projections(hidden: int, precision: Precision, rngs: nnx.Rngs):
+    """Query, key and value projections [E] -> [H*D] (named by the family that holds them)."""
+    return tuple(linear(hidden, hidden, ("embed", "heads"), precision, rngs) for _ in range(3))
+
+
+def self_attention(projections, hidden_states, bias, num_heads: int, probs_dropout):
+    """Multi-head self-attention over [B, T, E] with the given (query, key, value) projections.
+
+    Returns the merged context [B, T, H*D] (before any output projection) and the probabilities.
+    """
+    q, k, v = (split_heads(proj(hidden_states), num_heads) for proj in projections)
+    context, probs = dot_product_attention(q, k, v, bias, probs_dropout)  # [B, T, H, D]
+    return merge_heads(context), probs
+
+
+def run_layers(
+    layer_stack, hidden_states, bias, output_hidden_states: bool, output_attentions: bool
+):
+    """Apply encoder layers in order, each `layer(x, bias) -> (x, probs)`; collect what is asked.
+
+    Returns (last hidden state, all hidden states incl. the input or None, all probs or None).
+    """
+    all_hidden, all_probs = [hidden_states], []
+    for layer in layer_stack:
+        hidden_states, probs = layer(hidden_states, bias)
+        all_hidden.append(hidden_states)
+        all_probs.append(probs)
+    return (
+        hidden_states,
+        tuple(all_hidden) if output_hidden_states else None,
+        tuple(all_probs) if output_attentions else None,
+    )
 
 
 def split_heads(x: Array, num_heads: int) -> Array:

@@ -50,11 +50,13 @@ class Model(nnx.Module):
     def __init__(self, config, task: str, precision: layers.Precision, rngs: nnx.Rngs):
         family, spec = auto.lookup(config.model_type, task)
         self.static = _Static(config=config, family=family, head_spec=spec, task=task)
-        self.backbone = family.backbone(config, precision, rngs, **spec.backbone_options)
+        backbone_options = auto.resolve_options(spec.backbone_options, config)
+        self.backbone = family.backbone(config, precision, rngs, **backbone_options)
         if spec.head is None:
             self.head = nnx.data(None)
         else:
-            self.head = spec.head(config, precision, rngs, **spec.options)
+            head_options = auto.resolve_options(spec.options, config)
+            self.head = spec.head(config, precision, rngs, **head_options)
 
     config = property(lambda self: self.static.config)
     family = property(lambda self: self.static.family)
@@ -66,15 +68,41 @@ class Model(nnx.Module):
             raise TypeError("pass inputs by name, e.g. model(input_ids, attention_mask=mask)")
         if args:
             inputs[self.family.main_input_name] = args[0]
-        flags = {
-            k: inputs.pop(k) for k in ("output_hidden_states", "output_attentions") if k in inputs
-        }
+        # flags and the KV cache (a pytree, not an array) go to the backbone as they are
+        passed = ("output_hidden_states", "output_attentions", "cache")
+        flags = {k: inputs.pop(k) for k in passed if k in inputs}
         inputs = {k: None if v is None else jnp.asarray(v) for k, v in inputs.items()}
         if self.head is None:
             return self.backbone(**inputs, **flags)
         labels = {k: inputs.pop(k) for k in self.head.label_names if k in inputs}
         features = self.backbone(**self.head.prepare_inputs(inputs), **flags)
         return self.head(features, backbone=self.backbone, inputs=inputs, **labels)
+
+    def init_cache(self, batch_size: int, max_length: int, dtype=None):
+        """An empty KV cache of `max_length` slots (decoder families), for model(..., cache=):
+        see flaxauto.kv_cache."""
+        if not hasattr(self.backbone, "init_cache"):
+            raise TypeError(f"{self.config.model_type} models take no KV cache")
+        return self.backbone.init_cache(batch_size, max_length, dtype)
+
+    @property
+    def generation_config(self):
+        """transformers' GenerationConfig: the checkpoint's generation_config.json, else derived
+        from the model config (as transformers does). Edit it in place to change defaults."""
+        if getattr(self.static, "generation_config", None) is None:
+            from transformers.generation.configuration_utils import GenerationConfig
+
+            self.static.generation_config = GenerationConfig.from_model_config(self.config)
+        return self.static.generation_config
+
+    def generate(self, input_ids, attention_mask=None, *, generation_config=None, key=None, **kw):
+        """Token ids [B, prompt + new] as transformers' generate returns them (causal LMs): greedy
+        or sampling, in one compiled program. See flaxauto.generation.generate."""
+        from flaxauto import generation
+
+        return generation.generate(
+            self, input_ids, attention_mask, generation_config=generation_config, key=key, **kw
+        )
 
     def num_parameters(self) -> int:
         return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(self, nnx.Param)))
@@ -94,8 +122,14 @@ class Model(nnx.Module):
             export_tensors(self),
             max_shard_size=max_shard_size,
             metadata={"format": "pt"},
-            extra_files={"config.json": config.to_json_string(use_diff=True)},
+            extra_files=self._config_files(config),
         )
+
+    def _config_files(self, config) -> dict[str, str]:
+        files = {"config.json": config.to_json_string(use_diff=True)}
+        if self.task == "causal-lm":  # transformers saves one beside every generative model
+            files["generation_config.json"] = self.generation_config.to_json_string(use_diff=True)
+        return files
 
 
 def _precision(dtype, param_dtype) -> layers.Precision:
@@ -210,6 +244,13 @@ def from_pretrained(
     initialize_abstract(model, seed, mesh, rules)
     _report(model, info)
     model.eval()
+    if checkpoint.generation_config_path is not None and task == "causal-lm":
+        from transformers.generation.configuration_utils import GenerationConfig
+
+        path = checkpoint.generation_config_path
+        model.static.generation_config = GenerationConfig.from_pretrained(
+            path.parent, config_file_name=path.name
+        )
     return (model, info.as_dict()) if output_loading_info else model
 
 

@@ -66,3 +66,14 @@ class NextSentencePredictorOutput(_TaskOutput):
 class QuestionAnsweringModelOutput(_TaskOutput):
     start_logits: Array = None  # [B, T]
     end_logits: Array = None  # [B, T]
+
+
+@struct.dataclass
+class BaseModelOutputWithPast(BaseModelOutput):
+    cache: object = None  # flaxauto.kv_cache.KVCache, when the forward was given one
+
+
+@struct.dataclass
+class CausalLMOutputWithPast(_TaskOutput):
+    logits: Array = None  # [B, T, V]
+    cache: object = None  # flaxauto.kv_cache.KVCache, when the forward was given one

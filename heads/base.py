@@ -32,12 +32,25 @@ class Head(nnx.Module):
 
 
 def classifier_dropout_rate(config) -> float:
-    rate = getattr(config, "classifier_dropout", None)
-    return config.hidden_dropout_prob if rate is None else rate
+    # encoders fall back to hidden_dropout_prob; decoder heads (GPT-2, the Llama family) to
+    # hidden_dropout, then 0.1
+    for attribute in ("classifier_dropout", "hidden_dropout_prob", "hidden_dropout"):
+        rate = getattr(config, attribute, None)
+        if rate is not None:
+            return rate
+    return 0.1
 
 
-def pool(features: BaseModelOutput, pooling: str, attention_mask=None) -> jax.Array:
+def pool(
+    features: BaseModelOutput,
+    pooling: str,
+    attention_mask=None,
+    input_ids=None,
+    pad_token_id: int | None = None,
+) -> jax.Array:
     """One vector per sequence [B, E] from the backbone output."""
+    if pooling == "last_token":
+        return _last_non_padding(features.last_hidden_state, input_ids, pad_token_id)
     if pooling == "pooler":
         return features.pooler_output
     if pooling == "first":
@@ -49,6 +62,23 @@ def pool(features: BaseModelOutput, pooling: str, attention_mask=None) -> jax.Ar
         mask = jnp.asarray(attention_mask, hidden.dtype)[..., None]
         return jnp.sum(hidden * mask, axis=1) / jnp.maximum(jnp.sum(mask, axis=1), 1e-9)
     raise NotImplementedError(f"pooling={pooling!r} is not implemented")
+
+
+def _last_non_padding(hidden, input_ids, pad_token_id) -> jax.Array:
+    """transformers' decoder classifiers: the last position whose token is not pad_token_id (read
+    from input_ids, not the attention mask, so left and right padding both work). Without a
+    pad_token_id the last position, and then only for a batch of one; with inputs_embeds (no
+    ids) the last position."""
+    batch, length = hidden.shape[:2]
+    if pad_token_id is None:
+        if batch != 1:
+            raise ValueError("Cannot handle batch sizes > 1 if no padding token is defined.")
+        return hidden[:, -1]
+    if input_ids is None:
+        return hidden[:, -1]
+    not_pad = (jnp.asarray(input_ids) != pad_token_id).astype(jnp.int32)  # [B, T]
+    last = jnp.argmax(jnp.arange(length, dtype=jnp.int32)[None, :] * not_pad, axis=-1)  # [B]
+    return jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0]
 
 
 class PooledProjection(nnx.Module):
@@ -69,9 +99,11 @@ class PooledProjection(nnx.Module):
         dense_activation: str | None = None,
         dropout_before_dense: bool = False,
         dropout_rate: float | None = None,
+        use_bias: bool = True,
     ):
         hidden = config.hidden_size
         self.pooling = pooling
+        self.pad_token_id = config.pad_token_id if pooling == "last_token" else None
         rate = classifier_dropout_rate(config) if dropout_rate is None else dropout_rate
         self.dropout = layers.dropout(rate, rngs)
         self.dropout_before_dense = dropout_before_dense
@@ -80,10 +112,12 @@ class PooledProjection(nnx.Module):
         else:
             self.dense = layers.linear(hidden, hidden, ("embed", "mlp"), precision, rngs)
             self.dense_activation = layers.activation(dense_activation, "classifier activation")
-        self.out = layers.linear(hidden, num_outputs, ("embed", None), precision, rngs)
+        self.out = layers.linear(
+            hidden, num_outputs, ("embed", None), precision, rngs, use_bias=use_bias
+        )
 
-    def __call__(self, features: BaseModelOutput, attention_mask=None) -> jax.Array:
-        x = pool(features, self.pooling, attention_mask)
+    def __call__(self, features: BaseModelOutput, attention_mask=None, input_ids=None):
+        x = pool(features, self.pooling, attention_mask, input_ids, self.pad_token_id)
         if self.dense is not None:
             if self.dropout_before_dense:
                 x = self.dropout(x)

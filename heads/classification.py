@@ -23,7 +23,8 @@ class SequenceClassificationHead(Head):
         )
 
     def __call__(self, features, *, backbone, inputs, labels=None):
-        logits = self.classifier(features, inputs.get("attention_mask"))  # [B, num_labels]
+        mask, ids = inputs.get("attention_mask"), inputs.get("input_ids")
+        logits = self.classifier(features, mask, ids)  # [B, num_labels]
         loss = None
         if labels is not None:
             loss = losses.sequence_classification_loss(logits, labels, self.problem_type)
@@ -81,8 +82,9 @@ def _num_choices(inputs) -> int:
 class TokenClassificationHead(Head):
     """Per-token features -> config.num_labels logits [B, T, num_labels]."""
 
-    def __init__(self, config, precision, rngs):
-        self.dropout = layers.dropout(classifier_dropout_rate(config), rngs)
+    def __init__(self, config, precision, rngs, *, dropout_rate: float | None = None):
+        rate = classifier_dropout_rate(config) if dropout_rate is None else dropout_rate
+        self.dropout = layers.dropout(rate, rngs)
         self.classifier = layers.linear(
             config.hidden_size, config.num_labels, ("embed", None), precision, rngs
         )
@@ -101,13 +103,17 @@ class QuestionAnsweringHead(Head):
 
     label_names = ("start_positions", "end_positions")
 
-    def __init__(self, config, precision, rngs):
+    def __init__(
+        self, config, precision, rngs, *, dropout_rate: float = 0.0, num_outputs: int | None = None
+    ):
+        """num_outputs: 2 where transformers fixes it (GPT-2, Llama); else config.num_labels."""
+        self.dropout = layers.dropout(dropout_rate, rngs)  # BERT: none; DistilBERT: qa_dropout
         self.qa_outputs = layers.linear(
-            config.hidden_size, config.num_labels, ("embed", None), precision, rngs
+            config.hidden_size, num_outputs or config.num_labels, ("embed", None), precision, rngs
         )
 
     def __call__(self, features, *, backbone, inputs, start_positions=None, end_positions=None):
-        logits = self.qa_outputs(features.last_hidden_state)  # [B, T, 2]
+        logits = self.qa_outputs(self.dropout(features.last_hidden_state))  # [B, T, 2]
         start_logits, end_logits = logits[..., 0], logits[..., 1]
         loss = None
         if start_positions is not None and end_positions is not None:

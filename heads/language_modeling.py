@@ -17,13 +17,25 @@ class MaskedLMHead(Head):
     backbone's embedding `attend`, so the model stays a tree (no shared parameter objects).
     """
 
-    def __init__(self, config, precision, rngs, *, activation_attribute: str = "hidden_act"):
+    def __init__(
+        self,
+        config,
+        precision,
+        rngs,
+        *,
+        activation: str | None = None,
+        activation_attribute: str = "hidden_act",
+        layer_norm_eps: float | None = None,
+    ):
+        """activation: a fixed activation (RoBERTa's head always uses exact gelu); otherwise the
+        config attribute `activation_attribute` names it. layer_norm_eps: a fixed epsilon for
+        families without config.layer_norm_eps (DistilBERT)."""
         hidden, vocab = config.hidden_size, config.vocab_size
         self.dense = layers.linear(hidden, hidden, ("embed", "mlp"), precision, rngs)
-        self.activation = layers.activation(
-            getattr(config, activation_attribute), activation_attribute
-        )
-        self.layer_norm = layers.layer_norm(hidden, config.layer_norm_eps, precision, rngs)
+        name = activation or getattr(config, activation_attribute)
+        self.activation = layers.activation(name, activation_attribute)
+        eps = config.layer_norm_eps if layer_norm_eps is None else layer_norm_eps
+        self.layer_norm = layers.layer_norm(hidden, eps, precision, rngs)
         self.tied = bool(getattr(config, "tie_word_embeddings", True))
         if self.tied:
             self.decoder = nnx.data(None)
@@ -54,6 +66,44 @@ class MaskedLMHead(Head):
         return outputs.MaskedLMOutput(
             logits=logits,
             loss=loss,
+            hidden_states=features.hidden_states,
+            attentions=features.attentions,
+        )
+
+
+class CausalLMHead(Head):
+    """hidden -> lm_head (no bias; with tie_word_embeddings the input embedding matrix, read
+    through the backbone's `attend`) -> next-token logits; the loss shifts labels left by one, as
+    transformers does, so `labels=input_ids` trains next-token prediction."""
+
+    def __init__(self, config, precision, rngs):
+        self.tied = bool(getattr(config, "tie_word_embeddings", True))
+        if self.tied:
+            self.lm_head = nnx.data(None)
+            self.tied_names = ("lm_head.weight",)
+        else:
+            self.lm_head = layers.linear(
+                config.hidden_size,
+                config.vocab_size,
+                ("embed", "vocab"),
+                precision,
+                rngs,
+                use_bias=False,
+            )
+
+    def logits(self, hidden, backbone):
+        """[..., E] -> [..., V]; generation calls this on the last position only."""
+        if self.tied:
+            return backbone.get_input_embeddings().attend(hidden)
+        return self.lm_head(hidden)
+
+    def __call__(self, features, *, backbone, inputs, labels=None):
+        logits = self.logits(features.last_hidden_state, backbone)  # [B, T, V]
+        loss = None if labels is None else losses.causal_lm_loss(logits, labels)
+        return outputs.CausalLMOutputWithPast(
+            logits=logits,
+            loss=loss,
+            cache=getattr(features, "cache", None),
             hidden_states=features.hidden_states,
             attentions=features.attentions,
         )

@@ -28,9 +28,15 @@ TINY_CONFIGS = {
         num_labels=3,
     ),
 }
+TINY_CONFIGS["roberta"] = dict(TINY_CONFIGS["bert"], type_vocab_size=2, pad_token_id=1)
+TINY_CONFIGS["xlm-roberta"] = dict(TINY_CONFIGS["roberta"])
+TINY_CONFIGS["distilbert"] = dict(
+    vocab_size=99, dim=32, n_layers=2, n_heads=4, hidden_dim=37, max_position_embeddings=64,
+    num_labels=3,
+)  # fmt: skip
 
 #: Families whose backbone takes token_type_ids.
-USES_TOKEN_TYPES = {"bert"}
+USES_TOKEN_TYPES = {"bert", "roberta", "xlm-roberta"}
 
 #: Output fields compared per task.
 TASK_FIELDS = {
@@ -73,14 +79,16 @@ def _randomize_zero_initialised(model) -> None:
 
 
 def text_inputs(model_type: str, task: str, seed: int = 0) -> dict[str, np.ndarray]:
-    """A right-padded batch with token types; multiple choice gets [B, C, T]."""
+    """A right-padded batch (padding is the pad token, as tokenizers pad) with token types;
+    multiple choice gets [B, C, T]."""
     rng = np.random.default_rng(seed)
     config = TINY_CONFIGS[model_type]
+    pad = config.get("pad_token_id", 0)
     shape = (BATCH, CHOICES, LENGTH) if task == "multiple-choice" else (BATCH, LENGTH)
     lengths = rng.integers(3, LENGTH + 1, size=shape[:-1])
     lengths.flat[0] = LENGTH  # at least one sequence without padding
     mask = (np.arange(LENGTH) < lengths[..., None]).astype(np.int64)
-    ids = rng.integers(1, config["vocab_size"], size=shape) * mask
+    ids = np.where(mask == 1, rng.integers(2, config["vocab_size"], size=shape), pad)
     inputs = {"input_ids": ids, "attention_mask": mask}
     if model_type in USES_TOKEN_TYPES:
         inputs["token_type_ids"] = rng.integers(0, config["type_vocab_size"], size=shape) * mask

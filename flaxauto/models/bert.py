@@ -27,6 +27,11 @@ Precision = layers.Precision
 
 def check_config(config) -> None:
     """Refuse what this implementation does not compute, naming the attribute."""
+    if config.hidden_size % config.num_attention_heads:
+        raise ValueError(
+            f"hidden_size={config.hidden_size} is not a multiple of "
+            f"num_attention_heads={config.num_attention_heads}"
+        )
     position_type = getattr(config, "position_embedding_type", "absolute")
     if position_type != "absolute":
         raise NotImplementedError(
@@ -54,42 +59,36 @@ class BertEmbeddings(nnx.Module):
         self.dropout = layers.dropout(config.hidden_dropout_prob, rngs)
 
     def __call__(self, input_ids, token_type_ids, position_ids, inputs_embeds) -> jax.Array:
+        if position_ids is None:
+            position_ids = self.default_position_ids(input_ids, inputs_embeds)
         if inputs_embeds is None:
             inputs_embeds = self.word_embeddings(input_ids)  # [B, T, E]
-        batch, length = inputs_embeds.shape[:2]
-        if position_ids is None:
-            position_ids = jnp.arange(length)[None, :]
         if token_type_ids is None:
-            token_type_ids = jnp.zeros((batch, length), jnp.int32)
+            token_type_ids = jnp.zeros(inputs_embeds.shape[:2], jnp.int32)
         embeddings = (
             inputs_embeds
             + self.token_type_embeddings(token_type_ids)
-            + self.position_embeddings(position_ids)
+            + self.position_embeddings(jnp.broadcast_to(position_ids, inputs_embeds.shape[:2]))
         )
         return self.dropout(self.LayerNorm(embeddings))
+
+    def default_position_ids(self, input_ids, inputs_embeds) -> jax.Array:
+        """[1, T]: 0, 1, 2, ... (RoBERTa overrides this)."""
+        length = (input_ids if input_ids is not None else inputs_embeds).shape[1]
+        return jnp.arange(length)[None, :]
 
 
 class BertSelfAttention(nnx.Module):
     def __init__(self, config, precision: Precision, rngs: nnx.Rngs):
-        hidden = config.hidden_size
-        if hidden % config.num_attention_heads:
-            raise ValueError(
-                f"hidden_size={hidden} is not a multiple of num_attention_heads="
-                f"{config.num_attention_heads}"
-            )
         self.num_heads = config.num_attention_heads
-        self.query = layers.linear(hidden, hidden, ("embed", "heads"), precision, rngs)
-        self.key = layers.linear(hidden, hidden, ("embed", "heads"), precision, rngs)
-        self.value = layers.linear(hidden, hidden, ("embed", "heads"), precision, rngs)
+        self.query, self.key, self.value = layers.qkv_projections(
+            config.hidden_size, precision, rngs
+        )
         self.dropout = layers.dropout(config.attention_probs_dropout_prob, rngs)
 
     def __call__(self, hidden_states, bias):
-        q, k, v = (
-            layers.split_heads(proj(hidden_states), self.num_heads)  # [B, T, H, D]
-            for proj in (self.query, self.key, self.value)
-        )
-        context, probs = layers.dot_product_attention(q, k, v, bias, self.dropout)
-        return layers.merge_heads(context), probs
+        projections = (self.query, self.key, self.value)
+        return layers.self_attention(projections, hidden_states, bias, self.num_heads, self.dropout)
 
 
 class BertResidualOutput(nnx.Module):
@@ -147,15 +146,8 @@ class BertEncoder(nnx.Module):
         )
 
     def __call__(self, hidden_states, bias, output_hidden_states, output_attentions):
-        all_hidden, all_probs = [hidden_states], []
-        for layer in self.layer:
-            hidden_states, probs = layer(hidden_states, bias)
-            all_hidden.append(hidden_states)
-            all_probs.append(probs)
-        return (
-            hidden_states,
-            tuple(all_hidden) if output_hidden_states else None,
-            tuple(all_probs) if output_attentions else None,
+        return layers.run_layers(
+            self.layer, hidden_states, bias, output_hidden_states, output_attentions
         )
 
 
@@ -174,17 +166,18 @@ class BertPooler(nnx.Module):
 class BertModel(nnx.Module):
     """The BERT backbone: embeddings, encoder, optional pooler."""
 
+    embeddings_class = BertEmbeddings
+
     def __init__(
         self, config, precision: Precision, rngs: nnx.Rngs, *, add_pooling_layer: bool = True
     ):
         check_config(config)
-        self.embeddings = BertEmbeddings(config, precision, rngs)
+        self.embeddings = self.embeddings_class(config, precision, rngs)
         self.encoder = BertEncoder(config, precision, rngs)
         if add_pooling_layer:
             self.pooler = BertPooler(config, precision, rngs)
         else:
             self.pooler = nnx.data(None)
-        self.compute_dtype = precision.dtype
 
     def get_input_embeddings(self) -> nnx.Embed:
         return self.embeddings.word_embeddings
