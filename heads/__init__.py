@@ -8,9 +8,10 @@ from flaxauto.heads.classification import (
     SequenceClassificationHead,
     TokenClassificationHead,
 )
-from flaxauto.heads.language_modeling import MaskedLMHead
+from flaxauto.heads.language_modeling import CausalLMHead, MaskedLMHead
 
 __all__ = [
+    "CausalLMHead",
     "Head",
     "MaskedLMHead",
     "MultipleChoiceHead",

@@ -56,3 +56,12 @@ def sequence_classification_loss(logits: jax.Array, labels, problem_type: str | 
     if problem_type == "multi_label_classification":
         return binary_cross_entropy_with_logits(logits, labels)
     raise NotImplementedError(f"problem_type={problem_type!r} is not implemented")
+
+
+def causal_lm_loss(logits: jax.Array, labels):
+    """transformers' ForCausalLMLoss: position t predicts labels[t + 1]; the last position has
+    no target. logits [B, T, V], labels [B, T] (-100 ignored)."""
+    labels = jnp.asarray(labels)
+    no_target = jnp.full((*labels.shape[:-1], 1), IGNORE_INDEX, labels.dtype)
+    targets = jnp.concatenate([labels[..., 1:], no_target], axis=-1)
+    return cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))

@@ -1,0 +1,260 @@
+"""Llama, Mistral and Qwen2: one implementation of transformers' LlamaModel with small adapters.
+
+The three transformers models compute the same thing (RMSNorm, rotary embeddings, grouped-query
+attention, SwiGLU) and differ only in which projections carry a bias and which layers attend
+through a sliding window; each model_type's adapter reads that from its config into a `Variant`
+and refuses what it does not implement. Attribute paths are transformers' (`embed_tokens`,
+`layers.0.self_attn.q_proj`, `norm`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from flax import nnx
+
+from flaxauto import layers, rope
+from flaxauto.auto import HeadSpec, register
+from flaxauto.heads import (
+    CausalLMHead,
+    QuestionAnsweringHead,
+    SequenceClassificationHead,
+    TokenClassificationHead,
+)
+from flaxauto.kv_cache import DecoderStep, KVCache, run_decoder_layers
+from flaxauto.outputs import BaseModelOutputWithPast
+
+Precision = layers.Precision
+
+
+@dataclass(frozen=True)
+class Variant:
+    """Where a model_type departs from Llama."""
+
+    qkv_bias: bool  # q_proj, k_proj, v_proj
+    o_bias: bool  # o_proj
+    mlp_bias: bool  # gate_proj, up_proj, down_proj
+    windows: tuple[int | None, ...]  # per layer: sliding window size, None for full attention
+
+
+# --- config checks: one adapter per model_type ----------------------------------------------------
+
+
+def head_dim(config) -> int:
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+def check_common(config) -> None:
+    """What every Llama-like model_type must satisfy here."""
+    heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
+    if heads % kv_heads:
+        raise ValueError(
+            f"num_attention_heads={heads} is not a multiple of num_key_value_heads={kv_heads}"
+        )
+    layers.activation(config.hidden_act)
+    rope.rope_from_config(config, head_dim(config))
+    if getattr(config, "token_classification_bias", True) is not True:
+        raise NotImplementedError("token_classification_bias=False is not implemented")
+
+
+def llama_variant(config) -> Variant:
+    check_common(config)
+    bias = bool(config.attention_bias)
+    return Variant(bias, bias, bool(config.mlp_bias), (None,) * config.num_hidden_layers)
+
+
+def mistral_variant(config) -> Variant:
+    """Mistral: no biases; every layer attends through config.sliding_window (None: full)."""
+    check_common(config)
+    return Variant(False, False, False, (config.sliding_window,) * config.num_hidden_layers)
+
+
+def qwen2_variant(config) -> Variant:
+    """Qwen2: q/k/v biases; config.layer_types (derived by the config from use_sliding_window and
+    max_window_layers) says which layers use config.sliding_window."""
+    check_common(config)
+    kinds = tuple(config.layer_types)
+    unknown = set(kinds) - {"full_attention", "sliding_attention"}
+    if unknown:
+        raise NotImplementedError(f"layer_types {sorted(unknown)} are not implemented for qwen2")
+    if len(kinds) != config.num_hidden_layers:
+        raise ValueError(f"layer_types has {len(kinds)} entries for {config.num_hidden_layers}")
+    windows = tuple(config.sliding_window if k == "sliding_attention" else None for k in kinds)
+    return Variant(True, False, False, windows)
+
+
+# --- modules -------------------------------------------------------------------------------------
+
+
+class LlamaAttention(nnx.Module):
+    def __init__(self, config, variant: Variant, layer_idx: int, precision: Precision, rngs):
+        hidden, depth = config.hidden_size, head_dim(config)
+        self.num_heads, self.num_kv_heads = config.num_attention_heads, config.num_key_value_heads
+        self.scale = depth**-0.5
+        self.window = variant.windows[layer_idx]
+        q_out, kv_out = self.num_heads * depth, self.num_kv_heads * depth
+        bias = {"use_bias": variant.qkv_bias}
+        self.q_proj = layers.linear(hidden, q_out, ("embed", "heads"), precision, rngs, **bias)
+        self.k_proj = layers.linear(hidden, kv_out, ("embed", "kv"), precision, rngs, **bias)
+        self.v_proj = layers.linear(hidden, kv_out, ("embed", "kv"), precision, rngs, **bias)
+        self.o_proj = layers.linear(
+            q_out, hidden, ("heads", "embed"), precision, rngs, use_bias=variant.o_bias
+        )
+        self.dropout = layers.dropout(config.attention_dropout, rngs)
+
+    def __call__(self, hidden_states, step: DecoderStep, index: int, cos, sin):
+        q = layers.split_heads(self.q_proj(hidden_states), self.num_heads)  # [B, T, H, D]
+        k = layers.split_heads(self.k_proj(hidden_states), self.num_kv_heads)  # [B, T, K, D]
+        v = layers.split_heads(self.v_proj(hidden_states), self.num_kv_heads)
+        q, k = rope.apply_rotary(q, cos, sin), rope.apply_rotary(k, cos, sin)
+        k, v = step.keys_values(index, k, v)  # [B, S, K, D]
+        context, probs = layers.dot_product_attention(
+            q, k, v, step.biases[self.window], self.dropout, scale=self.scale
+        )
+        return self.o_proj(layers.merge_heads(context)), probs
+
+
+class LlamaMLP(nnx.Module):
+    """SwiGLU: down(act(gate(x)) * up(x))."""
+
+    def __init__(self, config, variant: Variant, precision: Precision, rngs: nnx.Rngs):
+        hidden, inner = config.hidden_size, config.intermediate_size
+        bias = {"use_bias": variant.mlp_bias}
+        self.gate_proj = layers.linear(hidden, inner, ("embed", "mlp"), precision, rngs, **bias)
+        self.up_proj = layers.linear(hidden, inner, ("embed", "mlp"), precision, rngs, **bias)
+        self.down_proj = layers.linear(inner, hidden, ("mlp", "embed"), precision, rngs, **bias)
+        self.act_fn = layers.activation(config.hidden_act)
+
+    def __call__(self, x):
+        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+
+
+class LlamaDecoderLayer(nnx.Module):
+    """Pre-norm: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, config, variant: Variant, layer_idx: int, precision: Precision, rngs):
+        hidden, eps = config.hidden_size, config.rms_norm_eps
+        self.self_attn = LlamaAttention(config, variant, layer_idx, precision, rngs)
+        self.mlp = LlamaMLP(config, variant, precision, rngs)
+        self.input_layernorm = layers.rms_norm(hidden, eps, precision, rngs)
+        self.post_attention_layernorm = layers.rms_norm(hidden, eps, precision, rngs)
+
+    def __call__(self, hidden_states, step: DecoderStep, index: int, cos, sin):
+        attended, probs = self.self_attn(self.input_layernorm(hidden_states), step, index, cos, sin)
+        hidden_states = hidden_states + attended
+        return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states)), probs
+
+
+class LlamaModel(nnx.Module):
+    """The backbone: token embeddings, decoder layers, final RMSNorm; rotary embeddings are
+    computed from position_ids (no parameters)."""
+
+    variant = staticmethod(llama_variant)
+
+    def __init__(self, config, precision: Precision, rngs: nnx.Rngs):
+        variant = self.variant(config)
+        self.windows = variant.windows
+        self.rope = rope.rope_from_config(config, head_dim(config))
+        self.embed_tokens = layers.embedding(
+            config.vocab_size, config.hidden_size, ("vocab", "embed"), precision, rngs
+        )
+        self.layers = nnx.List(
+            [
+                LlamaDecoderLayer(config, variant, i, precision, rngs)
+                for i in range(config.num_hidden_layers)
+            ]
+        )
+        self.norm = layers.rms_norm(config.hidden_size, config.rms_norm_eps, precision, rngs)
+        self.compute_dtype = precision.dtype
+
+    def get_input_embeddings(self) -> nnx.Embed:
+        return self.embed_tokens
+
+    def init_cache(self, batch_size: int, max_length: int, dtype=None) -> KVCache:
+        attn = self.layers[0].self_attn
+        depth = self.rope.dim
+        dtype = dtype or self.compute_dtype
+        return KVCache.create(
+            batch_size, max_length, len(self.layers), attn.num_kv_heads, depth, dtype
+        )
+
+    def __call__(
+        self,
+        input_ids=None,  # [B, T]
+        attention_mask=None,  # [B, T], 1 = token, 0 = padding (with a cache: the new tokens)
+        position_ids=None,  # [B or 1, T]
+        inputs_embeds=None,  # [B, T, E]
+        cache: KVCache | None = None,
+        *,
+        output_hidden_states: bool = False,
+        output_attentions: bool = False,
+    ) -> BaseModelOutputWithPast:
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_tokens(input_ids)  # [B, T, E]
+        batch, length = inputs_embeds.shape[:2]
+        step = DecoderStep(cache, attention_mask, batch, length, self.windows)
+        if position_ids is None:
+            position_ids = step.default_position_ids(length)
+        cos, sin = rope.cos_sin(self.rope, position_ids, inputs_embeds.dtype)  # [B or 1, T, D]
+        flags = {
+            "output_hidden_states": output_hidden_states,
+            "output_attentions": output_attentions,
+        }
+        hidden, all_hidden, all_probs = run_decoder_layers(
+            self.layers, inputs_embeds, step, self.norm, flags, cos=cos, sin=sin
+        )
+        return BaseModelOutputWithPast(
+            last_hidden_state=hidden,
+            hidden_states=all_hidden,
+            attentions=all_probs,
+            cache=step.new_cache(length),
+        )
+
+
+class MistralModel(LlamaModel):
+    variant = staticmethod(mistral_variant)
+
+
+class Qwen2Model(LlamaModel):
+    variant = staticmethod(qwen2_variant)
+
+
+# --- registration --------------------------------------------------------------------------------
+
+
+def heads(question_answering_prefix: str | None = None) -> dict[str, HeadSpec]:
+    """transformers' heads for the Llama family: the generic decoder heads of modeling_layers."""
+    return {
+        "base": HeadSpec(None),
+        "causal-lm": HeadSpec(CausalLMHead),
+        "sequence-classification": HeadSpec(
+            SequenceClassificationHead,
+            names={"classifier.out": "score"},
+            options={"pooling": "last_token", "use_bias": False, "dropout_rate": 0.0},
+        ),
+        "token-classification": HeadSpec(TokenClassificationHead, names={"classifier": "score"}),
+        "question-answering": HeadSpec(
+            QuestionAnsweringHead,
+            options={"num_outputs": 2},
+            base_model_prefix=question_answering_prefix,
+        ),
+    }
+
+
+# Llama's and Qwen2's ForQuestionAnswering keep the backbone under "transformer" (as older
+# checkpoints did); Mistral's under "model".
+register(
+    model_types=("llama",),
+    backbone=LlamaModel,
+    base_model_prefix="model",
+    heads=heads("transformer"),
+)
+register(model_types=("mistral",), backbone=MistralModel, base_model_prefix="model", heads=heads())
+register(
+    model_types=("qwen2",),
+    backbone=Qwen2Model,
+    base_model_prefix="model",
+    heads=heads("transformer"),
+)
