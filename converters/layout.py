@@ -50,10 +50,18 @@ class Slot:
     layout: str | None
     part: str  # "backbone", "optional" (a backbone module a checkpoint may lack) or "head"
     kind: str  # "kernel", "embedding", "scale" or "bias": decides the initialiser
+    index: int | None = None  # the layer, for a variable stacked over layers (scan_layers)
 
     @property
     def shape(self) -> tuple[int, ...]:
-        return tuple(self.variable.get_value().shape)
+        """The flax shape of this tensor (one layer's, for a stacked variable)."""
+        shape = tuple(self.variable.get_value().shape)
+        return shape if self.index is None else shape[1:]
+
+    @property
+    def logical_axes(self) -> tuple | None:
+        axes = self.variable.get_metadata("out_sharding", None)
+        return axes if self.index is None or axes is None else tuple(axes[1:])
 
     @property
     def dtype(self):
@@ -85,26 +93,46 @@ def _rename(local: str, names) -> str:
 
 
 def parameter_slots(model) -> dict[str, Slot]:
-    """Every parameter of a flaxauto model, keyed by its transformers PyTorch name."""
+    """Every parameter of a flaxauto model, keyed by its transformers PyTorch name.
+
+    A variable stacked over layers (layers.ScannedLayers) gives one slot per layer, named as
+    transformers names that layer (`encoder.layer.3.attention...`)."""
+    from flaxauto.layers import ScannedLayers
+
     family, spec = model.family, model.head_spec
     prefix = "" if model.task == "base" else base_model_prefix(model) + "."
+    modules = list(nnx.iter_modules(model))
+    stacks = {path: m.num_layers for path, m in modules if isinstance(m, ScannedLayers)}
     slots: dict[str, Slot] = {}
-    for path, module in nnx.iter_modules(model):
+    for path, module in modules:
         leaves = next((LAYOUTS[t] for t in type(module).__mro__ if t in LAYOUTS), {})
         for attr, variable in vars(module).items():
             if not isinstance(variable, nnx.Param):
                 continue
             torch_leaf, layout = leaves.get(attr, (attr, None))
-            root, *rest = [str(p) for p in path] or [""]
-            local = ".".join([*rest, torch_leaf])
-            if root == "backbone":
-                name = prefix + local
-                optional = rest and rest[0] in family.optional_modules
-                part = "optional" if optional else "backbone"
-            else:
-                name, part = _rename(local, spec.names), "head"
-            slots[name] = Slot(variable, name, layout, part, _kind(attr, layout))
+            for index, layer_path in _per_layer_paths(path, stacks):
+                root, *rest = [str(p) for p in layer_path] or [""]
+                local = ".".join([*rest, torch_leaf])
+                if root == "backbone":
+                    name = prefix + local
+                    optional = rest and rest[0] in family.optional_modules
+                    part = "optional" if optional else "backbone"
+                else:
+                    name, part = _rename(local, spec.names), "head"
+                kind = _kind(attr, layout)
+                slots[name] = Slot(variable, name, layout, part, kind, index)
     return slots
+
+
+def _per_layer_paths(path: tuple, stacks: dict[tuple, int]):
+    """(layer index, path with that index) for each layer a stacked path stands for; a path
+    outside any stack stands for itself: (None, path)."""
+    for stack_path, num_layers in stacks.items():
+        depth = len(stack_path)
+        if path[:depth] == stack_path and path[depth : depth + 1] == ("block",):
+            inner = path[depth + 1 :]
+            return [(i, (*stack_path, i, *inner)) for i in range(num_layers)]
+    return [(None, path)]
 
 
 def base_model_prefix(model) -> str:
@@ -128,8 +156,10 @@ def tied_names(model) -> set[str]:
 
 
 def initial_value(slot: Slot, key: jax.Array, std: float) -> jax.Array:
-    """transformers' _init_weights: kernels ~ N(0, initializer_range), norms 1, biases 0."""
-    shape, dtype = slot.shape, slot.dtype
+    """transformers' _init_weights: kernels ~ N(0, initializer_range), norms 1, biases 0.
+
+    The value is for the whole variable (every layer of a stacked one)."""
+    shape, dtype = tuple(slot.variable.get_value().shape), slot.dtype
     if slot.variable.get_metadata("init", None) == "sinusoidal":
         from flaxauto.layers import sinusoidal_table
 
@@ -144,5 +174,6 @@ def initial_value(slot: Slot, key: jax.Array, std: float) -> jax.Array:
 def export_tensors(model):
     """(PyTorch name, numpy array in PyTorch layout) for every saved parameter, in model order."""
     for name, slot in parameter_slots(model).items():
-        array = np.asarray(jax.device_get(slot.variable.get_value()))
-        yield name, slot.to_torch(array)
+        value = slot.variable.get_value()
+        value = value if slot.index is None else value[slot.index]
+        yield name, slot.to_torch(np.asarray(jax.device_get(value)))

@@ -150,23 +150,62 @@ def load_weights(
             f"{model.task}): {len(plan.problems)} problem(s):\n  {listing}"
         )
     show = sys.stderr.isatty() if progress is None else progress
+    stacks = _Stacks(mesh, rules)
     with tqdm(total=len(plan.assignments), desc="loading", unit="tensor", disable=not show) as bar:
         for file_keys in source.keys_by_file():
             for key in file_keys:
                 if key in plan.assignments:
                     slot = plan.assignments[key]
-                    slot.variable.set_value(_place(source, key, slot, mesh, rules))
+                    value = _place(source, key, slot, mesh, rules)
+                    if slot.index is None:
+                        slot.variable.set_value(value)
+                    else:
+                        stacks.add(slot, value)
                     bar.update()
+    stacks.check_complete()
     return plan.info
+
+
+class _Stacks:
+    """Layers of a stacked (scan_layers) variable arrive one tensor at a time; the variable is
+    set once all its layers are placed."""
+
+    def __init__(self, mesh, rules):
+        self.mesh, self.rules = mesh, rules
+        self.pending: dict[int, tuple[Slot, dict[int, jax.Array]]] = {}
+
+    def add(self, slot: Slot, value: jax.Array) -> None:
+        _, layers = self.pending.setdefault(id(slot.variable), (slot, {}))
+        layers[slot.index] = value
+        num_layers = slot.variable.get_value().shape[0]
+        if len(layers) == num_layers:
+            stacked = jax.numpy.stack([layers[i] for i in range(num_layers)])
+            if self.mesh is not None:
+                from flaxauto.sharding import variable_sharding
+
+                sharding = variable_sharding(slot.variable, stacked.shape, self.mesh, self.rules)
+                stacked = jax.device_put(stacked, sharding)
+            slot.variable.set_value(stacked)
+            del self.pending[id(slot.variable)]
+
+    def check_complete(self) -> None:
+        if self.pending:
+            names = [slot.torch_name for slot, _ in self.pending.values()]
+            raise NotImplementedError(
+                "with scan_layers, a layer parameter must load for every layer or none "
+                f"(ignore_mismatched_sizes re-initialised only some): {names}"
+            )
 
 
 def _place(source, key: str, slot: Slot, mesh, rules) -> jax.Array:
     dtype = slot.dtype
     if mesh is None:
         return jax.device_put(slot.to_flax(source.read(key)).astype(dtype))
-    from flaxauto.sharding import variable_sharding
+    from jax.sharding import NamedSharding
 
-    sharding = variable_sharding(slot.variable, slot.shape, mesh, rules)
+    from flaxauto.sharding import partition_spec
+
+    sharding = NamedSharding(mesh, partition_spec(slot.logical_axes, slot.shape, mesh, rules))
     inverse = np.argsort(slot.perm)
     cache: dict = {}
 

@@ -247,22 +247,101 @@ def self_attention(projections, hidden_states, bias, num_heads: int, probs_dropo
     return merge_heads(context), probs
 
 
+class ScannedLayers(nnx.Module):
+    """`num_layers` identical layers stored stacked (every parameter [L, ...], logical axis
+    "layers" first) and run with nnx.scan: one layer is traced and compiled, whatever the depth.
+    Checkpoints keep transformers' per-layer names (converters.layout unstacks them)."""
+
+    def __init__(self, make_layer, num_layers: int, rngs: nnx.Rngs):
+        @nnx.split_rngs(splits=num_layers)
+        @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+        def create(rngs):
+            return make_layer(rngs)
+
+        self.block = create(rngs)
+        self.num_layers = num_layers
+
+
+def layer_stack(make_layer, num_layers: int, rngs: nnx.Rngs, *, scan: bool = False):
+    """The layers of an encoder: an nnx.List (transformers' `layer.0`, `layer.1`, ...) or,
+    with scan, one ScannedLayers."""
+    if scan:
+        return ScannedLayers(make_layer, num_layers, rngs)
+    return nnx.List([make_layer(rngs) for _ in range(num_layers)])
+
+
+class Encoder(nnx.Module):
+    """Layers under the attribute `layer` (BERT's `encoder`, DistilBERT's `transformer`)."""
+
+    def __init__(self, make_layer, num_layers: int, rngs, *, scan: bool = False, remat=False):
+        self.layer = layer_stack(make_layer, num_layers, rngs, scan=scan)
+        self.remat = remat
+
+    def __call__(self, hidden_states, bias, output_hidden_states, output_attentions):
+        return run_layers(
+            self.layer, hidden_states, bias, output_hidden_states, output_attentions,
+            remat=self.remat,
+        )  # fmt: skip
+
+
 def run_layers(
-    layer_stack, hidden_states, bias, output_hidden_states: bool, output_attentions: bool
+    layer_stack,
+    hidden_states,
+    bias,
+    output_hidden_states: bool,
+    output_attentions: bool,
+    *,
+    remat: bool = False,
 ):
     """Apply encoder layers in order, each `layer(x, bias) -> (x, probs)`; collect what is asked.
 
-    Returns (last hidden state, all hidden states incl. the input or None, all probs or None).
+    remat recomputes each layer's activations in the backward pass instead of storing them
+    (jax.checkpoint per layer). Returns (last hidden state, all hidden states incl. the input or
+    None, all probs or None).
     """
-    all_hidden, all_probs = [hidden_states], []
-    for layer in layer_stack:
-        hidden_states, probs = layer(hidden_states, bias)
-        all_hidden.append(hidden_states)
-        all_probs.append(probs)
+
+    def step(hidden, layer_state, graphdef):
+        # A pure function of the layer's state (jax.lax.scan / jax.checkpoint, not their nnx
+        # wrappers): it composes with plain jax.grad over nnx.split state, not only nnx.grad.
+        layer = nnx.merge(graphdef, layer_state)
+        hidden, probs = layer(hidden, bias)
+        kept = (hidden if output_hidden_states else None, probs if output_attentions else None)
+        # in training, dropout advanced its RNG streams: hand them back to the real layer
+        streams = nnx.state(layer, nnx.RngState) if _training(layer) else None
+        return hidden, (kept, streams)
+
+    if remat:
+        step = jax.checkpoint(step, static_argnums=(2,))
+    if isinstance(layer_stack, ScannedLayers):
+        graphdef, stacked = nnx.split(layer_stack.block)
+        last, ((stacked_hidden, stacked_probs), new_state) = jax.lax.scan(
+            lambda h, layer_state: step(h, layer_state, graphdef), hidden_states, stacked
+        )
+        if new_state is not None:
+            nnx.update(layer_stack.block, new_state)
+        all_hidden = None if stacked_hidden is None else [hidden_states, *stacked_hidden]
+        all_probs = None if stacked_probs is None else list(stacked_probs)
+    else:
+        last, all_hidden, all_probs = hidden_states, [hidden_states], []
+        for layer in layer_stack:
+            graphdef, layer_state = nnx.split(layer)
+            last, ((hidden, probs), new_state) = step(last, layer_state, graphdef)
+            if new_state is not None:
+                nnx.update(layer, new_state)
+            all_hidden.append(hidden)
+            all_probs.append(probs)
     return (
-        hidden_states,
+        last,
         tuple(all_hidden) if output_hidden_states else None,
         tuple(all_probs) if output_attentions else None,
+    )
+
+
+def _training(module: nnx.Module) -> bool:
+    """Whether any dropout in `module` is active (model.train())."""
+    return any(
+        isinstance(m, nnx.Dropout) and not m.deterministic and m.rate > 0
+        for _, m in nnx.iter_modules(module)
     )
 
 

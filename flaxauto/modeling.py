@@ -47,10 +47,20 @@ class Model(nnx.Module):
     AutoModel the head is None and the backbone output is returned.
     """
 
-    def __init__(self, config, task: str, precision: layers.Precision, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        config,
+        task: str,
+        precision: layers.Precision,
+        rngs: nnx.Rngs,
+        *,
+        scan_layers: bool = False,
+        remat: bool = False,
+    ):
         family, spec = auto.lookup(config.model_type, task)
         self.static = _Static(config=config, family=family, head_spec=spec, task=task)
         backbone_options = auto.resolve_options(spec.backbone_options, config)
+        backbone_options |= _execution_options(family, scan_layers=scan_layers, remat=remat)
         self.backbone = family.backbone(config, precision, rngs, **backbone_options)
         if spec.head is None:
             self.head = nnx.data(None)
@@ -137,9 +147,25 @@ def _precision(dtype, param_dtype) -> layers.Precision:
     return layers.Precision(dtype=jnp.dtype(dtype or param_dtype), param_dtype=param_dtype)
 
 
-def build_abstract(config, task: str, precision: layers.Precision, seed: int = 0) -> Model:
-    """The model with every array a ShapeDtypeStruct: no memory, no initialisation."""
-    return nnx.eval_shape(lambda: Model(config, task, precision, nnx.Rngs(seed)))
+def _execution_options(family, **requested) -> dict:
+    """scan_layers / remat for backbones that implement them; asking others is an error."""
+    options = {name: True for name, on in requested.items() if on}
+    for name in options:
+        if not getattr(family.backbone, f"supports_{name}", False):
+            raise NotImplementedError(
+                f"{name}=True is not implemented for {', '.join(family.model_types)}"
+            )
+    return options
+
+
+def build_abstract(
+    config, task: str, precision: layers.Precision, seed: int = 0, **execution
+) -> Model:
+    """The model with every array a ShapeDtypeStruct: no memory, no initialisation.
+
+    execution: scan_layers (stack the layers and run them with nnx.scan: compile time stays
+    flat in depth) and remat (recompute each layer's activations in the backward pass)."""
+    return nnx.eval_shape(lambda: Model(config, task, precision, nnx.Rngs(seed), **execution))
 
 
 def _is_abstract(value) -> bool:
@@ -153,16 +179,20 @@ def initialize_abstract(model: Model, seed: int, mesh=None, rules=None) -> list[
 
     std = getattr(model.config, "initializer_range", 0.02)
     key = jax.random.key(seed)
-    initialised = []
+    initialised, fresh = [], set()  # a stacked variable serves several slots: init it once
     for index, (name, slot) in enumerate(parameter_slots(model).items()):
-        if not _is_abstract(slot.variable.get_value()):
-            continue
-        value = initial_value(slot, jax.random.fold_in(key, index), std)
-        if mesh is not None:
-            sharding = variable_sharding(slot.variable, slot.shape, mesh, resolve_rules(rules))
-            value = jax.device_put(value, sharding)
-        slot.variable.set_value(value)
-        initialised.append(name)
+        abstract = slot.variable.get_value()
+        if _is_abstract(abstract):
+            value = initial_value(slot, jax.random.fold_in(key, index), std)
+            if mesh is not None:
+                rules = resolve_rules(rules)
+                value = jax.device_put(
+                    value, variable_sharding(slot.variable, abstract.shape, mesh, rules)
+                )
+            slot.variable.set_value(value)
+            fresh.add(id(slot.variable))
+        if id(slot.variable) in fresh:
+            initialised.append(name)
     for index, (_, variable) in enumerate(nnx.iter_graph(model)):
         if isinstance(variable, nnx.Variable) and _is_abstract(variable.get_value()):
             variable.set_value(_rng_state(variable, jax.random.fold_in(key, 10_000 + index)))
@@ -170,18 +200,29 @@ def initialize_abstract(model: Model, seed: int, mesh=None, rules=None) -> list[
 
 
 def _rng_state(variable, key):
+    shape = variable.get_value().shape  # [L] for the streams of stacked layers
     if isinstance(variable, nnx.RngKey):
-        return key
+        return jax.random.split(key, shape) if shape else key
     if isinstance(variable, nnx.RngCount):
-        return jnp.zeros((), jnp.uint32)
+        return jnp.zeros(shape, jnp.uint32)
     raise TypeError(f"cannot initialise {type(variable).__name__}")
 
 
 def from_config(
-    config, task: str, *, dtype=None, param_dtype=None, seed: int = 0, mesh=None, rules=None
+    config,
+    task: str,
+    *,
+    dtype=None,
+    param_dtype=None,
+    seed: int = 0,
+    mesh=None,
+    rules=None,
+    scan_layers: bool = False,
+    remat: bool = False,
 ):
     """A randomly initialised model for a transformers config (transformers' init rules)."""
-    model = build_abstract(config, task, _precision(dtype, param_dtype), seed)
+    precision = _precision(dtype, param_dtype)
+    model = build_abstract(config, task, precision, seed, scan_layers=scan_layers, remat=remat)
     initialize_abstract(model, seed, mesh, rules)
     model.eval()
     return model
@@ -209,6 +250,8 @@ def from_pretrained(
     output_loading_info: bool = False,
     progress: bool | None = None,
     seed: int = 0,
+    scan_layers: bool = False,
+    remat: bool = False,
     revision: str | None = None,
     cache_dir: str | os.PathLike | None = None,
     token: str | None = None,
@@ -226,7 +269,8 @@ def from_pretrained(
     )
     auto.lookup(_read_model_type(checkpoint.config_path), task)  # a clear error before any work
     config = transformers.AutoConfig.from_pretrained(checkpoint.directory, **config_overrides)
-    model = build_abstract(config, task, _precision(dtype, param_dtype), seed)
+    precision = _precision(dtype, param_dtype)
+    model = build_abstract(config, task, precision, seed, scan_layers=scan_layers, remat=remat)
     if mesh is not None:
         from flaxauto.sharding import resolve_rules
 

@@ -35,6 +35,28 @@ TINY_CONFIGS["distilbert"] = dict(
     num_labels=3,
 )  # fmt: skip
 
+_DECODER = dict(vocab_size=99, pad_token_id=0, bos_token_id=1, eos_token_id=2, num_labels=3)
+_LLAMA = dict(
+    _DECODER, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37,
+    max_position_embeddings=64,
+)  # fmt: skip
+TINY_CONFIGS["gpt2"] = dict(_DECODER, n_embd=32, n_layer=2, n_head=4, n_inner=37, n_positions=64)
+# grouped-query attention, head_dim != hidden / heads, every bias, untied lm_head
+TINY_CONFIGS["llama"] = dict(
+    _LLAMA, num_key_value_heads=2, head_dim=16, attention_bias=True, mlp_bias=True
+)
+# multi-query attention, a sliding window shorter than the inputs
+TINY_CONFIGS["mistral"] = dict(_LLAMA, num_key_value_heads=1, sliding_window=4)
+# a full-attention layer then a sliding one; tied lm_head
+TINY_CONFIGS["qwen2"] = dict(
+    _LLAMA, num_key_value_heads=2, use_sliding_window=True, sliding_window=4,
+    max_window_layers=1, tie_word_embeddings=True,
+)  # fmt: skip
+
+#: Decoders are fed left-padded batches (as for generation). A padding position is a query with
+#: nothing to attend to, so its outputs are undefined: tests compare real tokens only.
+DECODERS = {"gpt2", "llama", "mistral", "qwen2"}
+
 #: Families whose backbone takes token_type_ids.
 USES_TOKEN_TYPES = {"bert", "roberta", "xlm-roberta"}
 
@@ -74,7 +96,8 @@ def _randomize_zero_initialised(model) -> None:
     generator = torch.Generator().manual_seed(1234)
     with torch.no_grad():
         for name, param in model.named_parameters():
-            if name.endswith("bias") or "LayerNorm" in name or "layer_norm" in name:
+            norm = "norm" in name.lower() or name.startswith("ln_") or ".ln_" in name
+            if name.endswith("bias") or norm:
                 param.add_(0.1 * torch.randn(param.shape, generator=generator))
 
 
@@ -88,6 +111,8 @@ def text_inputs(model_type: str, task: str, seed: int = 0) -> dict[str, np.ndarr
     lengths = rng.integers(3, LENGTH + 1, size=shape[:-1])
     lengths.flat[0] = LENGTH  # at least one sequence without padding
     mask = (np.arange(LENGTH) < lengths[..., None]).astype(np.int64)
+    if model_type in DECODERS:
+        mask = mask[..., ::-1].copy()  # left padding
     ids = np.where(mask == 1, rng.integers(2, config["vocab_size"], size=shape), pad)
     inputs = {"input_ids": ids, "attention_mask": mask}
     if model_type in USES_TOKEN_TYPES:
@@ -106,6 +131,12 @@ def task_labels(model, task: str, inputs, seed: int = 0) -> dict[str, np.ndarray
         high = config.num_labels if task == "token-classification" else config.vocab_size
         labels = rng.integers(0, high, size=ids.shape)
         labels[inputs["attention_mask"] == 0] = -100
+        return {"labels": labels}
+    if task == "causal-lm":  # shifted inside the model: no target at or just after padding
+        mask = inputs["attention_mask"]
+        labels = rng.integers(0, config.vocab_size, size=ids.shape)
+        labels[mask == 0] = -100
+        labels[:, 1:][mask[:, :-1] == 0] = -100
         return {"labels": labels}
     if task == "multiple-choice":
         return {"labels": rng.integers(0, ids.shape[1], size=ids.shape[0])}
@@ -174,6 +205,24 @@ class Case:
         fields = TASK_FIELDS.get(self.task, ("logits",))
         return tuple(f for f in fields if getattr(self.reference, f, None) is not None)
 
+    def diff(self, field: str, ours, theirs) -> float:
+        """max |ours - theirs|, over real tokens only for decoders (see DECODERS)."""
+        ours, theirs = to_numpy(ours), to_numpy(theirs)
+        if self.model_type in DECODERS:
+            keep = self._real_tokens(field, theirs.shape)
+            if keep is not None:
+                ours, theirs = np.where(keep, ours, 0), np.where(keep, theirs, 0)
+        return float(np.max(np.abs(ours - theirs)))
+
+    def _real_tokens(self, field: str, shape) -> np.ndarray | None:
+        """The attention mask shaped to broadcast over a per-token output, or None."""
+        mask = self.inputs["attention_mask"].astype(bool)  # [B, T]
+        if field == "attentions":
+            return mask[:, None, :, None]  # [B, H, T (queries), S]
+        if tuple(shape[:2]) == mask.shape:
+            return mask.reshape(mask.shape + (1,) * (len(shape) - 2))
+        return None  # one value per sequence
+
     @functools.cached_property
     def auto_class(self):
         return getattr(flaxauto, flaxauto.auto.TASK_AUTO_CLASSES[self.task])
@@ -192,3 +241,9 @@ def make_case(model_type: str, task: str, root: Path) -> Case:
 
 def read_json(path: Path) -> dict:
     return json.loads(Path(path).read_text())
+
+
+def unsupported_model_type() -> str:
+    """A model_type transformers knows and flaxauto does not (yet) implement."""
+    known = set(flaxauto.supported())
+    return next(t for t in ("xlnet", "ctrl", "fsmt", "reformer", "funnel") if t not in known)

@@ -16,6 +16,7 @@ import torch
 import transformers
 
 from flaxauto.cli import main
+from references import unsupported_model_type
 
 TINY = {
     "vocab_size": 99,
@@ -187,13 +188,14 @@ def test_info_describes_the_checkpoint(source, fmt, original, capsys, request):
 
 
 def test_info_on_an_unsupported_model_type_says_so(tmp_path, capsys):
-    (tmp_path / "config.json").write_text('{"model_type": "gpt2", "architectures": ["GPT2Model"]}')
+    model_type = unsupported_model_type()
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": model_type}))
     safetensors.numpy.save_file(
         {"wte.weight": np.zeros((4, 2), np.float16)}, tmp_path / "model.safetensors"
     )
     code, out, err = _run(capsys, "info", tmp_path)
     assert code == 0, err
-    assert "gpt2" in out and "none (model_type unsupported)" in out and "1 float16" in out
+    assert model_type in out and "none (model_type unsupported)" in out and "1 float16" in out
 
 
 # ----------------------------------------------------------------------------- bad input
@@ -220,7 +222,7 @@ def _bad_checkpoint(kind: str, safetensors_dir: Path, root: Path) -> Path:
         payload = OrderedDict(evil=_RunsShell(root / "pwned"), w=torch.ones(2))
         torch.save(payload, directory / "pytorch_model.bin")
     elif kind == "unsupported":
-        (directory / "config.json").write_text('{"model_type": "gpt2"}')
+        (directory / "config.json").write_text(json.dumps({"model_type": unsupported_model_type()}))
         safetensors.numpy.save_file(
             {"wte.weight": np.zeros((4, 2), np.float32)}, directory / "model.safetensors"
         )
@@ -236,7 +238,7 @@ BAD = {
     "no_weights": "no weights",
     "truncated": "corrupt safetensors",
     "malicious": f"{os.name}.system",
-    "unsupported": "no model for model_type 'gpt2'",
+    "unsupported": f"no model for model_type '{unsupported_model_type()}'",
     "wrong_tensors": "missing: bert.embeddings.word_embeddings.weight",
 }
 

@@ -19,7 +19,15 @@ from flax import nnx
 import flaxauto
 from flaxauto.converters import layout
 from flaxauto.converters.files import save_safetensors
-from references import max_diff, run_torch, save_bin, text_inputs, tiny_config, torch_model
+from references import (
+    max_diff,
+    run_torch,
+    save_bin,
+    text_inputs,
+    tiny_config,
+    torch_model,
+    unsupported_model_type,
+)
 
 INPUTS = text_inputs("bert", "base")
 
@@ -280,13 +288,13 @@ def test_dropout_in_training_mode_and_deterministic_inference(bert_classifier):
 
 
 def test_unknown_model_type_names_type_task_and_alternatives(tmp_path):
-    config = transformers.GPT2Config(n_layer=1, n_embd=8, n_head=2, vocab_size=10)
-    config.save_pretrained(tmp_path)
+    model_type = unsupported_model_type()
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": model_type}))
     (tmp_path / "model.safetensors").write_bytes(b"")
     with pytest.raises(ValueError) as error:
         flaxauto.AutoModelForMaskedLM.from_pretrained(tmp_path)
     message = str(error.value)
-    assert "'gpt2'" in message and "masked-lm" in message and "bert" in message
+    assert f"'{model_type}'" in message and "masked-lm" in message and "bert" in message
 
 
 def test_task_a_family_does_not_serve(bert_base):

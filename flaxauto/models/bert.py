@@ -139,18 +139,6 @@ class BertLayer(nnx.Module):
         return self.output(self.intermediate(attended), attended), probs
 
 
-class BertEncoder(nnx.Module):
-    def __init__(self, config, precision: Precision, rngs: nnx.Rngs):
-        self.layer = nnx.List(
-            [BertLayer(config, precision, rngs) for _ in range(config.num_hidden_layers)]
-        )
-
-    def __call__(self, hidden_states, bias, output_hidden_states, output_attentions):
-        return layers.run_layers(
-            self.layer, hidden_states, bias, output_hidden_states, output_attentions
-        )
-
-
 class BertPooler(nnx.Module):
     """tanh(dense(first token))."""
 
@@ -167,13 +155,27 @@ class BertModel(nnx.Module):
     """The BERT backbone: embeddings, encoder, optional pooler."""
 
     embeddings_class = BertEmbeddings
+    supports_scan_layers = supports_remat = True
 
     def __init__(
-        self, config, precision: Precision, rngs: nnx.Rngs, *, add_pooling_layer: bool = True
+        self,
+        config,
+        precision: Precision,
+        rngs: nnx.Rngs,
+        *,
+        add_pooling_layer: bool = True,
+        scan_layers: bool = False,
+        remat: bool = False,
     ):
         check_config(config)
         self.embeddings = self.embeddings_class(config, precision, rngs)
-        self.encoder = BertEncoder(config, precision, rngs)
+        self.encoder = layers.Encoder(
+            lambda rngs: BertLayer(config, precision, rngs),
+            config.num_hidden_layers,
+            rngs,
+            scan=scan_layers,
+            remat=remat,
+        )
         if add_pooling_layer:
             self.pooler = BertPooler(config, precision, rngs)
         else:

@@ -94,25 +94,23 @@ class TransformerBlock(nnx.Module):
         return self.output_layer_norm(self.ffn(attended) + attended), probs
 
 
-class Transformer(nnx.Module):
-    def __init__(self, config, precision: Precision, rngs: nnx.Rngs):
-        self.layer = nnx.List(
-            [TransformerBlock(config, precision, rngs) for _ in range(config.n_layers)]
-        )
-
-    def __call__(self, hidden_states, bias, output_hidden_states, output_attentions):
-        return layers.run_layers(
-            self.layer, hidden_states, bias, output_hidden_states, output_attentions
-        )
-
-
 class DistilBertModel(nnx.Module):
     """The DistilBERT backbone: embeddings and transformer; no pooler."""
 
-    def __init__(self, config, precision: Precision, rngs: nnx.Rngs):
+    supports_scan_layers = supports_remat = True
+
+    def __init__(
+        self, config, precision: Precision, rngs: nnx.Rngs, *, scan_layers=False, remat=False
+    ):
         check_config(config)
         self.embeddings = Embeddings(config, precision, rngs)
-        self.transformer = Transformer(config, precision, rngs)
+        self.transformer = layers.Encoder(
+            lambda rngs: TransformerBlock(config, precision, rngs),
+            config.n_layers,
+            rngs,
+            scan=scan_layers,
+            remat=remat,
+        )
 
     def get_input_embeddings(self) -> nnx.Embed:
         return self.embeddings.word_embeddings
