@@ -270,6 +270,36 @@ def layer_stack(make_layer, num_layers: int, rngs: nnx.Rngs, *, scan: bool = Fal
     return nnx.List([make_layer(rngs) for _ in range(num_layers)])
 
 
+class EncoderBackbone(nnx.Module):
+    """What BERT-like backbones share: `embeddings.word_embeddings` (tied LM heads read it) and
+    the forward from embeddings through the layer stack to the output."""
+
+    def get_input_embeddings(self) -> nnx.Embed:
+        return self.embeddings.word_embeddings
+
+    def encode(self, stack, embeddings, attention_mask, flags: dict, pooler=None):
+        """embeddings [B, T, E] -> BaseModelOutput; flags: output_hidden_states/attentions."""
+        from flaxauto.outputs import BaseModelOutput
+
+        hidden, all_hidden, all_probs = stack(
+            embeddings,
+            padding_bias(attention_mask),
+            flags.get("output_hidden_states", False),
+            flags.get("output_attentions", False),
+        )
+        return BaseModelOutput(
+            last_hidden_state=hidden,
+            pooler_output=None if pooler is None else pooler(hidden),
+            hidden_states=all_hidden,
+            attentions=all_probs,
+        )
+
+
+def exactly_one(input_ids, inputs_embeds) -> None:
+    if (input_ids is None) == (inputs_embeds is None):
+        raise ValueError("pass exactly one of input_ids or inputs_embeds")
+
+
 class Encoder(nnx.Module):
     """Layers under the attribute `layer` (BERT's `encoder`, DistilBERT's `transformer`)."""
 

@@ -151,7 +151,7 @@ class BertPooler(nnx.Module):
         return jnp.tanh(self.dense(hidden_states[:, 0]))
 
 
-class BertModel(nnx.Module):
+class BertModel(layers.EncoderBackbone):
     """The BERT backbone: embeddings, encoder, optional pooler."""
 
     embeddings_class = BertEmbeddings
@@ -169,49 +169,33 @@ class BertModel(nnx.Module):
     ):
         check_config(config)
         self.embeddings = self.embeddings_class(config, precision, rngs)
-        self.encoder = layers.Encoder(
-            lambda rngs: BertLayer(config, precision, rngs),
-            config.num_hidden_layers,
-            rngs,
-            scan=scan_layers,
-            remat=remat,
-        )
+        make_layer = lambda rngs: BertLayer(config, precision, rngs)  # noqa: E731
+        depth = config.num_hidden_layers
+        self.encoder = layers.Encoder(make_layer, depth, rngs, scan=scan_layers, remat=remat)
         if add_pooling_layer:
             self.pooler = BertPooler(config, precision, rngs)
         else:
             self.pooler = nnx.data(None)
 
-    def get_input_embeddings(self) -> nnx.Embed:
-        return self.embeddings.word_embeddings
-
     def __call__(
-        self,
-        input_ids=None,  # [B, T]
-        attention_mask=None,  # [B, T], 1 = token, 0 = padding
-        token_type_ids=None,  # [B, T]
-        position_ids=None,  # [B, T]
-        inputs_embeds=None,  # [B, T, E]
-        *,
-        output_hidden_states: bool = False,
-        output_attentions: bool = False,
-    ) -> BaseModelOutput:
-        if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
+        inputs_embeds=None, **flags
+    ) -> BaseModelOutput:  # fmt: skip
+        """input_ids, token_type_ids, position_ids: [B, T]; attention_mask: [B, T], 1 = token,
+        0 = padding; inputs_embeds: [B, T, E]; flags: output_hidden_states, output_attentions."""
+        layers.exactly_one(input_ids, inputs_embeds)
         embeddings = self.embeddings(input_ids, token_type_ids, position_ids, inputs_embeds)
-        bias = layers.padding_bias(attention_mask)
-        hidden, all_hidden, all_probs = self.encoder(
-            embeddings, bias, output_hidden_states, output_attentions
-        )
-        pooled = None if self.pooler is None else self.pooler(hidden)
-        return BaseModelOutput(
-            last_hidden_state=hidden,
-            pooler_output=pooled,
-            hidden_states=all_hidden,
-            attentions=all_probs,
-        )
+        return self.encode(self.encoder, embeddings, attention_mask, flags, self.pooler)
 
 
 NO_POOLER = {"add_pooling_layer": False}
+
+#: Heads BERT shares with RoBERTa as they are.
+COMMON_HEADS = {
+    "base": HeadSpec(None),
+    "token-classification": HeadSpec(TokenClassificationHead, backbone_options=NO_POOLER),
+    "question-answering": HeadSpec(QuestionAnsweringHead, backbone_options=NO_POOLER),
+}
 
 register(
     model_types=("bert",),
@@ -219,12 +203,10 @@ register(
     base_model_prefix="bert",
     optional_modules=("pooler",),
     heads={
-        "base": HeadSpec(None),
+        **COMMON_HEADS,
         "sequence-classification": HeadSpec(
             SequenceClassificationHead, names={"classifier.out": "classifier"}
         ),
-        "token-classification": HeadSpec(TokenClassificationHead, backbone_options=NO_POOLER),
-        "question-answering": HeadSpec(QuestionAnsweringHead, backbone_options=NO_POOLER),
         "masked-lm": HeadSpec(
             MaskedLMHead,
             names={

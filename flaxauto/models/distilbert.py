@@ -94,7 +94,7 @@ class TransformerBlock(nnx.Module):
         return self.output_layer_norm(self.ffn(attended) + attended), probs
 
 
-class DistilBertModel(nnx.Module):
+class DistilBertModel(layers.EncoderBackbone):
     """The DistilBERT backbone: embeddings and transformer; no pooler."""
 
     supports_scan_layers = supports_remat = True
@@ -104,36 +104,19 @@ class DistilBertModel(nnx.Module):
     ):
         check_config(config)
         self.embeddings = Embeddings(config, precision, rngs)
+        make_block = lambda rngs: TransformerBlock(config, precision, rngs)  # noqa: E731
         self.transformer = layers.Encoder(
-            lambda rngs: TransformerBlock(config, precision, rngs),
-            config.n_layers,
-            rngs,
-            scan=scan_layers,
-            remat=remat,
+            make_block, config.n_layers, rngs, scan=scan_layers, remat=remat
         )
-
-    def get_input_embeddings(self) -> nnx.Embed:
-        return self.embeddings.word_embeddings
 
     def __call__(
-        self,
-        input_ids=None,  # [B, T]
-        attention_mask=None,  # [B, T], 1 = token, 0 = padding
-        position_ids=None,  # [B, T]
-        inputs_embeds=None,  # [B, T, E]
-        *,
-        output_hidden_states: bool = False,
-        output_attentions: bool = False,
+        self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None, **flags
     ) -> BaseModelOutput:
-        if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        """input_ids, position_ids: [B, T]; attention_mask: [B, T], 1 = token, 0 = padding;
+        inputs_embeds: [B, T, E]; flags: output_hidden_states, output_attentions."""
+        layers.exactly_one(input_ids, inputs_embeds)
         embeddings = self.embeddings(input_ids, position_ids, inputs_embeds)
-        hidden, all_hidden, all_probs = self.transformer(
-            embeddings, layers.padding_bias(attention_mask), output_hidden_states, output_attentions
-        )
-        return BaseModelOutput(
-            last_hidden_state=hidden, hidden_states=all_hidden, attentions=all_probs
-        )
+        return self.encode(self.transformer, embeddings, attention_mask, flags)
 
 
 # pre_classifier -> ReLU -> dropout(seq_classif_dropout) -> classifier, on the first token

@@ -11,14 +11,8 @@ import jax
 import jax.numpy as jnp
 
 from flaxauto.auto import ConfigAttr, HeadSpec, register
-from flaxauto.heads import (
-    MaskedLMHead,
-    MultipleChoiceHead,
-    QuestionAnsweringHead,
-    SequenceClassificationHead,
-    TokenClassificationHead,
-)
-from flaxauto.models.bert import BertEmbeddings, BertModel
+from flaxauto.heads import MaskedLMHead, MultipleChoiceHead, SequenceClassificationHead
+from flaxauto.models.bert import COMMON_HEADS, NO_POOLER, BertEmbeddings, BertModel
 
 
 class RobertaEmbeddings(BertEmbeddings):
@@ -39,23 +33,19 @@ class RobertaModel(BertModel):
     embeddings_class = RobertaEmbeddings
 
 
-NO_POOLER = {"add_pooling_layer": False}
-
 register(
     model_types=("roberta", "xlm-roberta"),
     backbone=RobertaModel,
     base_model_prefix="roberta",
     optional_modules=("pooler",),
     heads={
-        "base": HeadSpec(None),
+        **COMMON_HEADS,
         "sequence-classification": HeadSpec(
             SequenceClassificationHead,
             names={"classifier.out": "classifier.out_proj"},
             options={"pooling": "first", "dense_activation": "tanh", "dropout_before_dense": True},
             backbone_options=NO_POOLER,
         ),
-        "token-classification": HeadSpec(TokenClassificationHead, backbone_options=NO_POOLER),
-        "question-answering": HeadSpec(QuestionAnsweringHead, backbone_options=NO_POOLER),
         "masked-lm": HeadSpec(
             MaskedLMHead,
             names={
