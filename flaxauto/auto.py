@@ -52,7 +52,7 @@ TRANSFORMERS_MAPPINGS = {
     "table-question-answering": "MODEL_FOR_TABLE_QUESTION_ANSWERING_MAPPING_NAMES",
 }
 
-BUILTIN_FAMILIES = ("bert", "roberta", "distilbert")
+BUILTIN_FAMILIES = ("bert", "roberta", "distilbert", "gpt2", "llama")
 
 
 @dataclass(frozen=True)
