@@ -18,6 +18,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from flaxauto.converters.errors import CheckpointError
+from flaxauto.converters.files import arrange
 from flaxauto.converters.layout import (
     LEGACY_LEAVES,
     Slot,
@@ -200,7 +201,8 @@ class _Stacks:
 def _place(source, key: str, slot: Slot, mesh, rules) -> jax.Array:
     dtype = slot.dtype
     if mesh is None:
-        return jax.device_put(slot.to_flax(source.read(key)).astype(dtype))
+        # one copy from the file into a buffer that the CPU device array adopts as it is
+        return jax.device_put(arrange(source.read(key), slot.perm, dtype))
     from jax.sharding import NamedSharding
 
     from flaxauto.sharding import partition_spec

@@ -22,6 +22,7 @@ import ml_dtypes
 import numpy as np
 
 from .errors import CheckpointError, UnsafeCheckpointError
+from .files import aligned_empty
 
 # Tables are laid out by hand, hence no formatter.
 # fmt: off
@@ -284,7 +285,7 @@ class TorchBinReader:
         except KeyError:
             raise KeyError(f"{self._path}: no tensor named {key!r}") from None
 
-    def _read_storage(self, storage: _Storage) -> bytearray:
+    def _read_storage(self, storage: _Storage) -> np.ndarray:
         member = f"{self._prefix}/data/{storage.key}"
         info = self._zip.NameToInfo.get(member)
         if info is None or info.file_size != storage.nbytes:
@@ -293,7 +294,9 @@ class TorchBinReader:
                 f"{self._path}: storage {member} should hold {storage.nbytes} bytes but is "
                 f"{found}; the checkpoint is truncated or corrupt"
             )
-        buffer = bytearray(storage.nbytes)  # writable, so a whole-storage tensor needs no copy
+        # Writable, so a whole-storage tensor needs no copy; aligned, so that jax.device_put on
+        # CPU can adopt it as it is.
+        buffer = aligned_empty((storage.nbytes,), np.uint8)
         with _zip_errors(self._path, member), self._zip.open(info) as f:
             got = f.readinto(buffer)
             # Reading on to the end makes zipfile verify the member's CRC.

@@ -434,8 +434,9 @@ def test_bfloat16_checkpoint_upcasts_to_float32_params(tmp_path):
 
 
 def test_loading_streams_one_tensor_at_a_time(tmp_path):
-    """Host memory while loading stays near one tensor, far below the checkpoint's size
-    (parameters live in device buffers, which tracemalloc does not see)."""
+    """Host memory while loading stays near one tensor beyond the parameters themselves (on CPU
+    the device arrays adopt the host buffers the tensors were read into, so tracemalloc counts
+    the parameters too: what must stay small is the peak above what the model keeps)."""
     import tracemalloc
 
     config = tiny_config(
@@ -446,11 +447,12 @@ def test_loading_streams_one_tensor_at_a_time(tmp_path):
     sizes = [p.numel() * 4 for p in model.parameters()]
     tracemalloc.start()
     try:
-        flaxauto.AutoModel.from_pretrained(tmp_path)
-        _, peak = tracemalloc.get_traced_memory()
+        loaded = flaxauto.AutoModel.from_pretrained(tmp_path)
+        kept, peak = tracemalloc.get_traced_memory()  # while the model is alive
+        del loaded
     finally:
         tracemalloc.stop()
-    assert peak < 4 * max(sizes) < sum(sizes) / 4, (peak, max(sizes), sum(sizes))
+    assert peak - kept < 4 * max(sizes) < sum(sizes) / 4, (peak, kept, max(sizes), sum(sizes))
 
 
 def test_progress_bar_only_when_asked(bert_base, capsys):
