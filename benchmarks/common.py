@@ -1,0 +1,125 @@
+"""Shared pieces of the benchmarks: interleaved median timing, process memory, the results table.
+
+A benchmark module `benchmarks/<name>.py` has `main(argv=None) -> list[dict]`; each dict is one
+row of the table. Known keys (any may be absent; other keys become extra columns):
+
+    benchmark   the module's name
+    case        what was measured (model, shape, dtype, option)
+    flaxauto    flaxauto's figure, formatted ("412 ms", "1.21 GiB")
+    alternative what it is compared with, and its figure ("torch eager 840 ms")
+    ratio       flaxauto / alternative (float), lower is better unless the target says otherwise
+    target      the goal, as text ("<= 0.45")
+    met         True / False / None (no target)
+    note        anything a reader needs to interpret the row
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import resource
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+# Quiet transformers and the Hub (set before either is imported): the tables are the output.
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+COLUMNS = ("benchmark", "case", "flaxauto", "alternative", "ratio", "target", "met", "note")
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def parser(description: str) -> argparse.ArgumentParser:
+    """The options every benchmark takes."""
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--quick", action="store_true", help="fewer repeats (a smoke run)")
+    return p
+
+
+def cores() -> int:
+    """The CPU cores this process may use (what XLA's thread pool sizes itself by)."""
+    return len(os.sched_getaffinity(0))
+
+
+def interleaved(fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 2):
+    """Median seconds per function; the functions take turns, so load on a shared machine hits
+    all of them alike. Each must block until its work is done."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def peak_rss() -> int:
+    """Peak resident set size of this process so far, in bytes (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def current_rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def ms(seconds: float) -> str:
+    return f"{seconds * 1e3:.0f} ms" if seconds >= 0.1 else f"{seconds * 1e3:.1f} ms"
+
+
+def mib(n: int) -> str:
+    return f"{n / 2**20:.0f} MiB"
+
+
+def row(benchmark, case, flaxauto, alternative, ratio=None, target=None, met=None, note=""):
+    return dict(
+        benchmark=benchmark, case=case, flaxauto=flaxauto, alternative=alternative,
+        ratio=ratio, target=target, met=met, note=note,
+    )  # fmt: skip
+
+
+def machine() -> str:
+    import jax
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if "model name" in line)
+    except (OSError, StopIteration):
+        pass
+    return f"{cpu}, {cores()} cores, jax {jax.__version__} ({jax.default_backend()})"
+
+
+def _cell(key: str, value) -> str:
+    if value is None:
+        return ""
+    if key == "met":
+        return "yes" if value is True else "no" if value is False else str(value)
+    if isinstance(value, float):
+        return f"{value:.2f}"
+    return str(value).replace("|", "\\|")
+
+
+def table(rows: list[dict]) -> str:
+    """A markdown table; COLUMNS first, then any other keys in order of appearance."""
+    keys = [c for c in COLUMNS if any(c in r for r in rows)]
+    keys += [k for r in rows for k in r if k not in keys]
+    keys = list(dict.fromkeys(keys))
+    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    lines += ["| " + " | ".join(_cell(k, r.get(k)) for k in keys) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def report(rows: list[dict], name: str | None = None) -> None:
+    """Print the table; with `name`, also write it to benchmarks/results/<name>.md."""
+    text = table(rows)
+    print(text)
+    if name:
+        RESULTS.mkdir(exist_ok=True)
+        (RESULTS / f"{name}.md").write_text(text + "\n")

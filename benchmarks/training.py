@@ -1,0 +1,121 @@
+"""Training step memory: BERT-base sequence classification, remat=True vs False.
+
+One step = loss from labels, jax.value_and_grad over the nnx.split parameters, optax adamw
+update, with dropout on (model.train()); parameters and optimizer state are donated. Memory is
+XLA's own account of the compiled step (compiled.memory_analysis()): temp is what the step
+allocates beyond its inputs and outputs (activations kept for the backward pass, workspace);
+peak adds the arguments and outputs not aliased to them. The step time is measured too: remat
+recomputes each layer's forward in the backward pass.
+
+    python benchmarks/training.py [--quick]
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import common
+
+BATCH, LENGTH, LAYERS = 8, 128, 12
+
+
+def remat_available() -> bool:
+    from flaxauto import modeling
+
+    return "remat" in inspect.signature(modeling.from_config).parameters
+
+
+def training_step(model, optimizer):
+    """A jitted step(params, opt_state, rest, batch) -> (params, opt_state, rest, loss)."""
+    import jax
+    import optax
+    from flax import nnx
+
+    graphdef, _, _ = nnx.split(model, nnx.Param, ...)
+
+    def loss_fn(params, rest, batch):
+        # copy: grad passes `rest` through untraced, and dropout may only advance RNG state
+        # (Variables) created at the trace level that mutates it
+        model = nnx.merge(graphdef, params, rest, copy=True)
+        loss = model(**batch).loss
+        return loss, nnx.state(model, nnx.Not(nnx.Param))  # dropout advanced its RNG streams
+
+    def step(params, opt_state, rest, batch):
+        (loss, rest), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, rest, batch)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, rest, loss
+
+    return jax.jit(step, donate_argnums=(0, 1, 2))
+
+
+def measure(remat: bool, scan: bool, repeats: int) -> dict:
+    import jax
+    import numpy as np
+    import optax
+    import transformers
+    from flax import nnx
+
+    import flaxauto
+
+    config = transformers.BertConfig(num_hidden_layers=LAYERS, num_labels=3)
+    options = {"remat": True} if remat else {}
+    options |= {"scan_layers": True} if scan else {}
+    build = lambda: flaxauto.AutoModelForSequenceClassification.from_config(config, **options)  # noqa: E731
+    # memory needs only shapes; timing a step needs real weights
+    model = build() if repeats else nnx.eval_shape(build)
+    model.train()
+    optimizer = optax.adamw(1e-4)
+    _, params, rest = nnx.split(model, nnx.Param, ...)
+    opt_state = optimizer.init(params) if repeats else jax.eval_shape(optimizer.init, params)
+    rng = np.random.default_rng(0)
+    batch = {
+        "input_ids": rng.integers(0, config.vocab_size, (BATCH, LENGTH)),
+        "attention_mask": np.ones((BATCH, LENGTH), np.int32),
+        "labels": rng.integers(0, 3, (BATCH,)),
+    }
+    step = training_step(model, optimizer)
+    compiled = step.lower(params, opt_state, rest, batch).compile()
+    memory = compiled.memory_analysis()
+    state = [params, opt_state, rest]
+
+    def run():
+        state[0], state[1], state[2], loss = compiled(*state, batch)
+        loss.block_until_ready()
+
+    seconds = common.interleaved({"step": run}, repeats, warmup=1)["step"] if repeats else None
+    peak = (
+        memory.argument_size_in_bytes
+        + memory.output_size_in_bytes
+        - memory.alias_size_in_bytes
+        + memory.temp_size_in_bytes
+    )
+    return dict(temp=memory.temp_size_in_bytes, peak=peak, seconds=seconds)
+
+
+def main(argv=None) -> list[dict]:
+    args = common.parser(__doc__.splitlines()[0]).parse_args(argv)
+    repeats = 0 if args.quick else 3  # --quick: memory only (no weights, no step run)
+    case = f"BERT-base {LAYERS} layers seq-cls {BATCH}x{LENGTH} adamw step"
+    if not remat_available():
+        return [
+            common.row("training", case, "pending", "", note="pending: option remat not available")
+        ]
+    rows = []
+    for scan in (False, True):
+        plain, remat = measure(False, scan, repeats), measure(True, scan, repeats)
+        note = f"ratio of temp memory; peak {remat['peak'] / plain['peak']:.2f}x"
+        if repeats:
+            note += f"; step {remat['seconds']:.1f} s vs {plain['seconds']:.1f} s"
+        rows.append(
+            common.row(
+                "training", f"{case}, scan_layers={scan}: remat=True",
+                f"temp {common.mib(remat['temp'])}, peak {common.mib(remat['peak'])}",
+                f"remat=False: temp {common.mib(plain['temp'])}, peak {common.mib(plain['peak'])}",
+                remat["temp"] / plain["temp"], note=note,
+            )
+        )  # fmt: skip
+    return rows
+
+
+if __name__ == "__main__":
+    common.report(main(), "training")
