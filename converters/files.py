@@ -190,7 +190,7 @@ class _SafetensorsFile:
         if array.nbytes != end - begin:  # safe_open checked this; a changed file would not match
             raise CheckpointError(f"{self.path}: tensor {key!r} has {end - begin} bytes")
         with self._errors():
-            _read_exactly(self._file, begin, array, self.path)
+            read_into(self._file, begin, array, self.path)
         return array
 
     def read_slice(self, key: str, index: tuple[slice, ...]) -> np.ndarray:
@@ -215,7 +215,7 @@ def _safetensors_offsets(file) -> dict[str, tuple[int, int]]:
     }
 
 
-def _read_exactly(file, offset: int, array: np.ndarray, path) -> None:
+def read_into(file, offset: int, array: np.ndarray, path) -> None:
     """Fill `array` (C-ordered) with the file's bytes from `offset`: straight into its memory."""
     view = memoryview(array.reshape(-1).view(np.uint8))
     file.seek(offset)

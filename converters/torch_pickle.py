@@ -14,6 +14,7 @@ import collections
 import contextlib
 import os
 import pickle
+import struct
 import zipfile
 import zlib
 from typing import Any, NamedTuple
@@ -22,7 +23,7 @@ import ml_dtypes
 import numpy as np
 
 from .errors import CheckpointError, UnsafeCheckpointError
-from .files import aligned_empty
+from .files import aligned_empty, read_into
 
 # Tables are laid out by hand, hence no formatter.
 # fmt: off
@@ -297,12 +298,29 @@ class TorchBinReader:
         # Writable, so a whole-storage tensor needs no copy; aligned, so that jax.device_put on
         # CPU can adopt it as it is.
         buffer = aligned_empty((storage.nbytes,), np.uint8)
+        if info.compress_type == zipfile.ZIP_STORED and not info.flag_bits & 0x1:
+            with _zip_errors(self._path, member):
+                self._read_stored(info, buffer, member)
+            return buffer
         with _zip_errors(self._path, member), self._zip.open(info) as f:
             got = f.readinto(buffer)
             # Reading on to the end makes zipfile verify the member's CRC.
             if got != storage.nbytes or f.read(1):
                 raise CheckpointError(f"{self._path}: storage {member} is truncated or corrupt")
         return buffer
+
+    def _read_stored(self, info: zipfile.ZipInfo, buffer: np.ndarray, member: str) -> None:
+        """An uncompressed member (what torch.save writes), read straight into `buffer` (zipfile
+        reads into a bytes object, then copies) and CRC-checked as zipfile would."""
+        archive = self._zip.fp
+        archive.seek(info.header_offset)
+        header = archive.read(30)  # the member's local header; its name and extra field follow
+        if len(header) != 30 or header[:4] != b"PK\x03\x04":
+            raise CheckpointError(f"{self._path}: bad local header for {member}; corrupt file")
+        name_length, extra_length = struct.unpack("<HH", header[26:30])
+        read_into(archive, info.header_offset + 30 + name_length + extra_length, buffer, self._path)
+        if zlib.crc32(buffer) != info.CRC:
+            raise CheckpointError(f"{self._path}: storage {member} fails its CRC; corrupt file")
 
 
 def open_torch_bin(path: str | os.PathLike) -> TorchBinReader:

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from flaxauto.converters.errors import CheckpointError, UnsafeCheckpointError
-from flaxauto.converters.torch_pickle import open_torch_bin
+from flaxauto.converters.torch_pickle import TorchBinReader, open_torch_bin
 
 
 def _torch_bytes(t: torch.Tensor) -> bytes:
@@ -275,6 +275,13 @@ def test_index_reads_no_storage_and_read_reads_one_member(tmp_path, monkeypatch)
         return real_open(self, name, *args, **kwargs)
 
     monkeypatch.setattr(zipfile.ZipFile, "open", spy)
+    real_stored = TorchBinReader._read_stored  # uncompressed members bypass ZipFile.open
+
+    def stored_spy(self, info, buffer, member):
+        opened.append(member)
+        return real_stored(self, info, buffer, member)
+
+    monkeypatch.setattr(TorchBinReader, "_read_stored", stored_spy)
     with open_torch_bin(path) as reader:
         assert [reader.shape(k) for k in reader.keys()]  # noqa: SIM118 == [(1000,), (10,), (3,)]
         assert reader.dtype("a") == np.float32
