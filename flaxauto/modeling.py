@@ -7,6 +7,7 @@ with `nnx.eval_shape`, the loader streams tensors into it, and only what the che
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -165,7 +166,31 @@ def build_abstract(
 
     execution: scan_layers (stack the layers and run them with nnx.scan: compile time stays
     flat in depth) and remat (recompute each layer's activations in the backward pass)."""
-    return nnx.eval_shape(lambda: Model(config, task, precision, nnx.Rngs(seed), **execution))
+    with _unexplained_tracer_attribute_errors():
+        return nnx.eval_shape(lambda: Model(config, task, precision, nnx.Rngs(seed), **execution))
+
+
+@contextlib.contextmanager
+def _unexplained_tracer_attribute_errors():
+    """Skip the explanation jax writes into a tracer's AttributeError while the model is traced.
+
+    Each RNG draw in a module's constructor makes flax's Variable.set_value probe
+    `getattr(tracer, "sharding", None)`; jax explains the AttributeError by walking back over
+    the whole trace so far, so the build grows quadratically with the number of parameters
+    (about 0.4 s of 0.7 s for a 124M model). getattr's default swallows the message unread.
+    """
+    from jax._src.interpreters import partial_eval
+
+    tracer = getattr(partial_eval, "DynamicJaxprTracer", None)
+    explain = getattr(tracer, "_origin_msg", None)
+    if explain is None:  # another jax: nothing to skip
+        yield
+        return
+    tracer._origin_msg = lambda self: ""
+    try:
+        yield
+    finally:
+        tracer._origin_msg = explain
 
 
 def _is_abstract(value) -> bool:
@@ -178,12 +203,11 @@ def initialize_abstract(model: Model, seed: int, mesh=None, rules=None) -> list[
     from flaxauto.sharding import resolve_rules, variable_sharding
 
     std = getattr(model.config, "initializer_range", 0.02)
-    key = jax.random.key(seed)
     initialised, fresh = [], set()  # a stacked variable serves several slots: init it once
     for index, (name, slot) in enumerate(parameter_slots(model).items()):
         abstract = slot.variable.get_value()
         if _is_abstract(abstract):
-            value = initial_value(slot, jax.random.fold_in(key, index), std)
+            value = initial_value(slot, jax.random.fold_in(jax.random.key(seed), index), std)
             if mesh is not None:
                 rules = resolve_rules(rules)
                 value = jax.device_put(
@@ -195,16 +219,22 @@ def initialize_abstract(model: Model, seed: int, mesh=None, rules=None) -> list[
             initialised.append(name)
     for index, (_, variable) in enumerate(nnx.iter_graph(model)):
         if isinstance(variable, nnx.Variable) and _is_abstract(variable.get_value()):
-            variable.set_value(_rng_state(variable, jax.random.fold_in(key, 10_000 + index)))
+            variable.set_value(_rng_state(variable, seed, index))
     return initialised
 
 
-def _rng_state(variable, key):
-    shape = variable.get_value().shape  # [L] for the streams of stacked layers
+def _rng_state(variable, seed: int, index: int):
+    abstract = variable.get_value()  # shape [L] for the streams of stacked layers
     if isinstance(variable, nnx.RngKey):
-        return jax.random.split(key, shape) if shape else key
+        # Key bits from numpy's SeedSequence (a hash of seed and position), wrapped as keys:
+        # deriving them with jax.random would compile several small XLA programs first, a
+        # noticeable part of loading a model.
+        data = jax.eval_shape(jax.random.key_data, abstract)
+        entropy = (seed & (2**64 - 1), index)  # SeedSequence takes no negative numbers
+        bits = np.random.SeedSequence(entropy).generate_state(data.size, np.uint32)
+        return jax.random.wrap_key_data(bits.reshape(data.shape))
     if isinstance(variable, nnx.RngCount):
-        return jnp.zeros(shape, jnp.uint32)
+        return jax.device_put(np.zeros(abstract.shape, np.uint32))
     raise TypeError(f"cannot initialise {type(variable).__name__}")
 
 
