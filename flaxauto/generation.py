@@ -207,17 +207,28 @@ def generate(model, input_ids, attention_mask=None, *, generation_config=None, k
         key = jax.random.key(np.random.SeedSequence().entropy % (2**32))
     graphdef, state = nnx.split(model)
     scalars = jnp.asarray([prompt, max_length, min_length], jnp.int32)
-    tokens, steps = _decode(graphdef, plan, cache_length, state, ids, mask, scalars, key)
+    kernel = _output_kernel(model)
+    tokens, steps = _decode(graphdef, plan, cache_length, state, kernel, ids, mask, scalars, key)
     return tokens[:, prompt_bucket - prompt : prompt_bucket + int(steps)]
 
 
 # --- the compiled program ------------------------------------------------------------------------
 
 
+def _output_kernel(model):
+    """The LM head's [E, V] matrix, made once per call outside the program, so the program reads
+    it in the layout the CPU matrix-vector product is fastest with (None: not on CPU, where
+    XLA picks layouts itself, or a head without one)."""
+    if jax.default_backend() != "cpu" or not hasattr(model.head, "decode_kernel"):
+        return None
+    return model.head.decode_kernel(model.backbone)
+
+
 @functools.partial(jax.jit, static_argnames=("graphdef", "plan", "cache_length"))
-def _decode(graphdef, plan: Plan, cache_length: int, state, ids, mask, scalars, key):
+def _decode(graphdef, plan: Plan, cache_length: int, state, kernel, ids, mask, scalars, key):
     """ids, mask [B, P] (left-padded to the bucket P); scalars: prompt length as the caller sees
-    it, max_length, min_length. Returns tokens [B, S] and the number of tokens generated."""
+    it, max_length, min_length; kernel: the LM head's [E, V] matrix or None. Returns tokens
+    [B, S] and the number of tokens generated."""
     prompt_length, max_length, min_length = scalars[0], scalars[1], scalars[2]
     model = nnx.merge(graphdef, state)
     model.eval()
@@ -227,7 +238,7 @@ def _decode(graphdef, plan: Plan, cache_length: int, state, ids, mask, scalars, 
     positions = jnp.where(mask == 0, 0, jnp.cumsum(mask, axis=-1) - 1)  # [B, P]
     cache = backbone.init_cache(batch, cache_length)
     out = backbone(ids, attention_mask=mask, position_ids=positions, cache=cache)
-    logits = head.logits(out.last_hidden_state[:, -1], backbone)  # [B, V], last position only
+    logits = head.logits(out.last_hidden_state[:, -1], backbone, kernel)  # [B, V]: last only
     tokens = jnp.full((batch, cache_length), plan.pad_token_id, jnp.int32)
     carry = _Carry(
         tokens=jax.lax.dynamic_update_slice(tokens, ids, (0, 0)),
@@ -254,7 +265,7 @@ def _decode(graphdef, plan: Plan, cache_length: int, state, ids, mask, scalars, 
             position_ids=position[:, None],
             cache=carry.cache,
         )
-        logits = head.logits(out.last_hidden_state[:, 0], backbone)  # [B, V]
+        logits = head.logits(out.last_hidden_state[:, 0], backbone, kernel)  # [B, V]
         return choose(carry.replace(cache=out.cache, position=position), logits)
 
     carry = jax.lax.while_loop(more, step, choose(carry, logits))

@@ -18,7 +18,10 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-from flax import struct
+from flax import nnx, struct
+
+from flaxauto import layers
+from flaxauto.outputs import BaseModelOutputWithPast
 
 Array = jax.Array
 
@@ -128,3 +131,40 @@ def run_decoder_layers(layers, hidden, step: DecoderStep, final_norm, flags: dic
         (*all_hidden, hidden) if flags.get("output_hidden_states") else None,
         tuple(all_probs) if flags.get("output_attentions") else None,
     )
+
+
+class DecoderBackbone(nnx.Module):
+    """What decoder backbones share: the cache they fill (`cache_shape` = (layers, kv heads,
+    head dim), set by the family) and the forward around their layer stack."""
+
+    cache_shape: tuple[int, int, int]
+    compute_dtype: jnp.dtype
+
+    def init_cache(self, batch_size: int, max_length: int, dtype=None) -> KVCache:
+        num_layers, kv_heads, head_dim = self.cache_shape
+        dtype = dtype or self.compute_dtype
+        return KVCache.create(batch_size, max_length, num_layers, kv_heads, head_dim, dtype)
+
+    def begin(self, embed, input_ids, inputs_embeds, attention_mask, position_ids, cache, windows):
+        """-> token embeddings [B, T, E], the DecoderStep, position ids [B or 1, T]."""
+        layers.exactly_one(input_ids, inputs_embeds)
+        if inputs_embeds is None:
+            inputs_embeds = embed(input_ids)
+        batch, length = inputs_embeds.shape[:2]
+        step = DecoderStep(cache, attention_mask, batch, length, windows)
+        if position_ids is None:
+            position_ids = step.default_position_ids(length)
+        return inputs_embeds, step, position_ids
+
+    def finish(self, stack, hidden, step: DecoderStep, final_norm, flags, **inputs):
+        """Run the layers and the final norm -> BaseModelOutputWithPast (with the new cache)."""
+        length = hidden.shape[1]
+        hidden, all_hidden, all_probs = run_decoder_layers(
+            stack, hidden, step, final_norm, flags, **inputs
+        )
+        return BaseModelOutputWithPast(
+            last_hidden_state=hidden,
+            hidden_states=all_hidden,
+            attentions=all_probs,
+            cache=step.new_cache(length),
+        )

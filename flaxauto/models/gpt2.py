@@ -19,7 +19,7 @@ from flaxauto.heads import (
     SequenceClassificationHead,
     TokenClassificationHead,
 )
-from flaxauto.kv_cache import DecoderStep, KVCache, run_decoder_layers
+from flaxauto.kv_cache import DecoderBackbone, DecoderStep, KVCache
 from flaxauto.outputs import BaseModelOutputWithPast
 
 Precision = layers.Precision
@@ -100,12 +100,12 @@ class GPT2Block(nnx.Module):
         return hidden_states + self.mlp(self.ln_2(hidden_states)), probs
 
 
-class GPT2Model(nnx.Module):
+class GPT2Model(DecoderBackbone):
     """The GPT-2 backbone: token + learned position embeddings, blocks, final LayerNorm."""
 
     def __init__(self, config, precision: Precision, rngs: nnx.Rngs):
         check_config(config)
-        hidden = config.hidden_size
+        hidden, heads = config.hidden_size, config.num_attention_heads
         self.wte = layers.embedding(config.vocab_size, hidden, ("vocab", "embed"), precision, rngs)
         self.wpe = layers.embedding(
             config.max_position_embeddings, hidden, (None, "embed"), precision, rngs
@@ -115,16 +115,11 @@ class GPT2Model(nnx.Module):
             [GPT2Block(config, i, precision, rngs) for i in range(config.num_hidden_layers)]
         )
         self.ln_f = layers.layer_norm(hidden, config.layer_norm_epsilon, precision, rngs)
+        self.cache_shape = (config.num_hidden_layers, heads, hidden // heads)
         self.compute_dtype = precision.dtype
 
     def get_input_embeddings(self) -> nnx.Embed:
         return self.wte
-
-    def init_cache(self, batch_size: int, max_length: int, dtype=None) -> KVCache:
-        heads = self.h[0].attn.num_heads
-        head_dim = self.wte.features // heads
-        dtype = dtype or self.compute_dtype
-        return KVCache.create(batch_size, max_length, len(self.h), heads, head_dim, dtype)
 
     def __call__(
         self,
@@ -138,30 +133,14 @@ class GPT2Model(nnx.Module):
         output_hidden_states: bool = False,
         output_attentions: bool = False,
     ) -> BaseModelOutputWithPast:
-        if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("pass exactly one of input_ids or inputs_embeds")
-        if inputs_embeds is None:
-            inputs_embeds = self.wte(input_ids)  # [B, T, E]
-        batch, length = inputs_embeds.shape[:2]
-        step = DecoderStep(cache, attention_mask, batch, length, windows=(None,))
-        if position_ids is None:
-            position_ids = step.default_position_ids(length)
-        hidden = inputs_embeds + self.wpe(position_ids)
+        embeds, step, position_ids = self.begin(
+            self.wte, input_ids, inputs_embeds, attention_mask, position_ids, cache, (None,)
+        )
+        hidden = embeds + self.wpe(position_ids)
         if token_type_ids is not None:
             hidden = hidden + self.wte(token_type_ids)
-        flags = {
-            "output_hidden_states": output_hidden_states,
-            "output_attentions": output_attentions,
-        }
-        hidden, all_hidden, all_probs = run_decoder_layers(
-            self.h, self.drop(hidden), step, self.ln_f, flags
-        )
-        return BaseModelOutputWithPast(
-            last_hidden_state=hidden,
-            hidden_states=all_hidden,
-            attentions=all_probs,
-            cache=step.new_cache(length),
-        )
+        flags = dict(output_hidden_states=output_hidden_states, output_attentions=output_attentions)
+        return self.finish(self.h, self.drop(hidden), step, self.ln_f, flags)
 
 
 #: transformers fixes GPT-2's span head at 2 outputs, whatever num_labels says

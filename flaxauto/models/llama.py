@@ -21,7 +21,7 @@ from flaxauto.heads import (
     SequenceClassificationHead,
     TokenClassificationHead,
 )
-from flaxauto.kv_cache import DecoderStep, KVCache, run_decoder_layers
+from flaxauto.kv_cache import DecoderBackbone, DecoderStep, KVCache
 from flaxauto.outputs import BaseModelOutputWithPast
 
 Precision = layers.Precision
@@ -145,7 +145,7 @@ class LlamaDecoderLayer(nnx.Module):
         return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states)), probs
 
 
-class LlamaModel(nnx.Module):
+class LlamaModel(DecoderBackbone):
     """The backbone: token embeddings, decoder layers, final RMSNorm; rotary embeddings are
     computed from position_ids (no parameters)."""
 
@@ -165,18 +165,11 @@ class LlamaModel(nnx.Module):
             ]
         )
         self.norm = layers.rms_norm(config.hidden_size, config.rms_norm_eps, precision, rngs)
+        self.cache_shape = (config.num_hidden_layers, config.num_key_value_heads, head_dim(config))
         self.compute_dtype = precision.dtype
 
     def get_input_embeddings(self) -> nnx.Embed:
         return self.embed_tokens
-
-    def init_cache(self, batch_size: int, max_length: int, dtype=None) -> KVCache:
-        attn = self.layers[0].self_attn
-        depth = self.rope.dim
-        dtype = dtype or self.compute_dtype
-        return KVCache.create(
-            batch_size, max_length, len(self.layers), attn.num_kv_heads, depth, dtype
-        )
 
     def __call__(
         self,
@@ -189,28 +182,13 @@ class LlamaModel(nnx.Module):
         output_hidden_states: bool = False,
         output_attentions: bool = False,
     ) -> BaseModelOutputWithPast:
-        if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("pass exactly one of input_ids or inputs_embeds")
-        if inputs_embeds is None:
-            inputs_embeds = self.embed_tokens(input_ids)  # [B, T, E]
-        batch, length = inputs_embeds.shape[:2]
-        step = DecoderStep(cache, attention_mask, batch, length, self.windows)
-        if position_ids is None:
-            position_ids = step.default_position_ids(length)
-        cos, sin = rope.cos_sin(self.rope, position_ids, inputs_embeds.dtype)  # [B or 1, T, D]
-        flags = {
-            "output_hidden_states": output_hidden_states,
-            "output_attentions": output_attentions,
-        }
-        hidden, all_hidden, all_probs = run_decoder_layers(
-            self.layers, inputs_embeds, step, self.norm, flags, cos=cos, sin=sin
-        )
-        return BaseModelOutputWithPast(
-            last_hidden_state=hidden,
-            hidden_states=all_hidden,
-            attentions=all_probs,
-            cache=step.new_cache(length),
-        )
+        embeds, step, position_ids = self.begin(
+            self.embed_tokens, input_ids, inputs_embeds, attention_mask, position_ids, cache,
+            self.windows,
+        )  # fmt: skip
+        cos, sin = rope.cos_sin(self.rope, position_ids, embeds.dtype)  # [B or 1, T, D]
+        flags = dict(output_hidden_states=output_hidden_states, output_attentions=output_attentions)
+        return self.finish(self.layers, embeds, step, self.norm, flags, cos=cos, sin=sin)
 
 
 class MistralModel(LlamaModel):
