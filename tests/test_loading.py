@@ -481,6 +481,9 @@ model.save_pretrained({str(tmp_path / "out")!r})
 flaxauto.AutoModel.from_pretrained({str(tmp_path / "out")!r})
 print("torch-free")
 """
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    # run outside the checkout: `python -c` puts the working directory first on sys.path
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path
+    )
     assert result.returncode == 0, result.stderr
     assert "torch-free" in result.stdout
