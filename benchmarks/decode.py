@@ -5,7 +5,9 @@ numbers (and the run checks they produce the same tokens). flaxauto's `generate`
 program; transformers' is PyTorch `generate(do_sample=False)` under inference_mode with as many
 threads as JAX has cores. Both are forced to 64 new tokens (min_new_tokens), timed interleaved,
 median of several runs after warm-up. The ratio is flaxauto tokens/s over transformers tokens/s
-(higher is better here).
+(higher is better here). Run it on an otherwise idle machine: PyTorch's OpenMP threads spin, and
+with other processes on the cores its generate was measured here up to 30x slower (the load
+average is printed with each row).
 
 Decoding one token reads every weight once, so its floor is (bytes of weights read per step) /
 (memory read bandwidth). The bandwidth is measured in the same run by a jitted sum over a 1 GiB
@@ -16,6 +18,7 @@ array; "of bound" is that floor divided by flaxauto's time per token (prefill in
 
 from __future__ import annotations
 
+import os
 import tempfile
 import time
 
@@ -124,7 +127,7 @@ def measure(dtype, batch, ids, model, reference, bandwidth, repeats, threads) ->
         speedup >= SPEEDUP_TARGET if fp32_batch1 else None,
         f"{of_bound:.0%} of the bandwidth bound ({bytes_per_step(model) / 2**20:.0f} MiB/step at "
         f"{bandwidth / 1e9:.1f} GB/s; target >= {BOUND_TARGET:.0%}); tokens identical "
-        f"{same:.0%}; {threads} threads",
+        f"{same:.0%}; {threads} threads; load average {os.getloadavg()[0]:.1f}",
     )
 
 

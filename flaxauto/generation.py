@@ -216,12 +216,20 @@ def generate(model, input_ids, attention_mask=None, *, generation_config=None, k
 
 
 def _output_kernel(model):
-    """The LM head's [E, V] matrix, made once per call outside the program, so the program reads
-    it in the layout the CPU matrix-vector product is fastest with (None: not on CPU, where
-    XLA picks layouts itself, or a head without one)."""
-    if jax.default_backend() != "cpu" or not hasattr(model.head, "decode_kernel"):
+    """The LM head's [E, V] matrix, in the layout the CPU matrix-vector product reads fastest
+    (None: not on CPU, where XLA picks layouts itself, or a head without one). A tied head's is
+    a transposed copy of the embedding table, slow to make (about as long as three decoding
+    steps), so it is kept with the model while the table it came from is the same array."""
+    head = model.head
+    if jax.default_backend() != "cpu" or not hasattr(head, "decode_kernel"):
         return None
-    return model.head.decode_kernel(model.backbone)
+    if not head.tied:
+        return head.decode_kernel(model.backbone)  # the lm_head kernel itself: no copy
+    table = model.backbone.get_input_embeddings().embedding.get_value()
+    kept = getattr(model.static, "lm_kernel", None)
+    if kept is None or kept[0] is not table:
+        model.static.lm_kernel = (table, head.decode_kernel(model.backbone))
+    return model.static.lm_kernel[1]
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "plan", "cache_length"))

@@ -64,7 +64,12 @@ class DecoderStep:
             raise ValueError(
                 f"attention_mask must be [batch, new tokens] = {(batch, length)}, got "
                 f"{new_mask.shape}"
-                + (" (with a cache it covers only the new tokens)" if cache else "")
+                + (" (with a cache it covers only the new tokens)" if cache is not None else "")
+            )
+        if cache is not None and _overflows(cache, length):
+            raise ValueError(
+                f"the cache holds {cache.max_length} tokens: {int(cache.length)} written, "
+                f"{length} more do not fit"
             )
         self.cache = cache
         if cache is None:
@@ -103,6 +108,14 @@ class DecoderStep:
             mask=self.slot_mask,
             length=self.start + length,
         )
+
+
+def _overflows(cache: KVCache, length: int) -> bool:
+    """Whether `length` more tokens overflow the cache; checked when the cache length is known
+    (under jit an overflowing write would be clamped into the last slots, silently)."""
+    if isinstance(cache.length, jax.core.Tracer):
+        return False
+    return int(cache.length) + length > cache.max_length
 
 
 def _bias(slot_mask: Array, query_slots: Array, window: int | None) -> Array:

@@ -99,11 +99,13 @@ def test_cached_decoding_equals_the_full_forward(pair):
 
 
 @one_family("gpt2")
-def test_cache_rejects_a_mask_for_the_whole_sequence(pair):
+def test_cache_rejects_a_whole_sequence_mask_and_overflow(pair):
     model_type, _, model = pair
     ids, mask = prompts(model_type)
     with pytest.raises(ValueError, match="covers only the new tokens"):
         model(ids[:, :1], attention_mask=mask, cache=model.init_cache(len(ids), 16))
+    with pytest.raises(ValueError, match="do not fit"):
+        model(ids, attention_mask=mask, cache=model.init_cache(len(ids), ids.shape[1] - 1))
 
 
 @one_family("gpt2")
