@@ -101,7 +101,10 @@ def machine() -> str:
             cpu = next(line.split(":", 1)[1].strip() for line in f if "model name" in line)
     except (OSError, StopIteration):
         pass
-    return f"{cpu}, {cores()} cores, jax {jax.__version__} ({jax.default_backend()})"
+    return (
+        f"{cpu}, {cores()} cores, jax {jax.__version__} ({jax.default_backend()}), "
+        f"load average {os.getloadavg()[0]:.1f} at the end"
+    )
 
 
 def _cell(key: str, value) -> str:

@@ -11,6 +11,7 @@ timed in the same loop: the time those FLOPs take at that rate is the matmul bou
 
 from __future__ import annotations
 
+import os
 import tempfile
 
 import common
@@ -30,20 +31,24 @@ def model_flops(config, batch: int, length: int) -> int:
 
 def reference_matmuls(config, rng):
     """The machine's fp32 matmul rate at this model's shapes: BERT's FFN matmuls alone
-    ([1024, 768] x [768, 3072] x [3072, 768], once per layer) in one jitted program, which runs
-    about as long as the model, so both see the same machine. Returns (run, FLOPs)."""
+    ([1024, 768] x [768, 3072] x [3072, 768], each layer its own weights) in one jitted program,
+    which runs about as long as the model, so both see the same machine. Returns (run, FLOPs)."""
     tokens, e, f = BATCH * LENGTH, config.hidden_size, config.intermediate_size
-    x = jnp.asarray(rng.standard_normal((tokens, e)), jnp.float32)
-    w_in = jnp.asarray(rng.standard_normal((e, f)) / np.sqrt(e), jnp.float32)  # keeps x ~ N(0, 1)
-    w_out = jnp.asarray(rng.standard_normal((f, e)) / np.sqrt(f), jnp.float32)
+
+    def normal(*shape):  # scaled so that x stays ~ N(0, 1) along the chain
+        return jnp.asarray(rng.standard_normal(shape, np.float32) / np.sqrt(shape[0]))
+
+    x = normal(tokens, e) * np.sqrt(tokens)
+    weights = [(normal(e, f), normal(f, e)) for _ in range(config.num_hidden_layers)]
 
     @jax.jit
-    def chain(x):
-        for _ in range(config.num_hidden_layers):
+    def chain(x, weights):
+        for w_in, w_out in weights:
             x = (x @ w_in) @ w_out
         return x
 
-    return lambda: chain(x).block_until_ready(), config.num_hidden_layers * 4 * tokens * e * f
+    run = lambda: chain(x, weights).block_until_ready()  # noqa: E731
+    return run, config.num_hidden_layers * 4 * tokens * e * f
 
 
 def main(argv=None) -> list[dict]:
@@ -111,7 +116,8 @@ def main(argv=None) -> list[dict]:
         common.row(
             "encoder", f"{case} fp32 forward", common.ms(times["flax fp32"]),
             f"torch eager {common.ms(times['torch fp32'])}", ratio, "<= 0.45", ratio <= 0.45,
-            f"max abs diff {error:.1e}; {threads} threads each",
+            f"max abs diff {error:.1e}; {threads} threads each; load average "
+            f"{os.getloadavg()[0]:.1f} (PyTorch's OpenMP threads slow down most under load)",
         )
     )  # fmt: skip
     rows.append(
