@@ -70,7 +70,7 @@ def main(argv=None) -> list[dict]:
     with tempfile.TemporaryDirectory() as directory:
         torch.manual_seed(0)
         transformers.GPT2LMHeadModel(config).save_pretrained(directory)
-        # loaded back, as a user's model is: generate on the freshly built one runs ~40x slower
+        # loaded back, as a user's model is: generate on the freshly built one runs 25-40x slower
         # in transformers 5.24 (measured here), which would flatter the ratio
         reference = transformers.GPT2LMHeadModel.from_pretrained(directory).eval()
         models = {
