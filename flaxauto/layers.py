@@ -295,6 +295,14 @@ class EncoderBackbone(nnx.Module):
         )
 
 
+def check_heads_divide(config, width: str = "hidden_size", heads: str = "num_attention_heads"):
+    """Attention splits the width evenly over the heads; refuse configs where it cannot."""
+    if getattr(config, width) % getattr(config, heads):
+        raise ValueError(
+            f"{width}={getattr(config, width)} is not a multiple of {heads}={getattr(config, heads)}"
+        )
+
+
 def exactly_one(input_ids, inputs_embeds) -> None:
     if (input_ids is None) == (inputs_embeds is None):
         raise ValueError("pass exactly one of input_ids or inputs_embeds")

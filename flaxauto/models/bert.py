@@ -27,11 +27,7 @@ Precision = layers.Precision
 
 def check_config(config) -> None:
     """Refuse what this implementation does not compute, naming the attribute."""
-    if config.hidden_size % config.num_attention_heads:
-        raise ValueError(
-            f"hidden_size={config.hidden_size} is not a multiple of "
-            f"num_attention_heads={config.num_attention_heads}"
-        )
+    layers.check_heads_divide(config)
     position_type = getattr(config, "position_embedding_type", "absolute")
     if position_type != "absolute":
         raise NotImplementedError(

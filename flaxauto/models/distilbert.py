@@ -27,8 +27,7 @@ LAYER_NORM_EPS = 1e-12  # hard-coded in transformers' DistilBERT
 
 
 def check_config(config) -> None:
-    if config.dim % config.n_heads:
-        raise ValueError(f"dim={config.dim} is not a multiple of n_heads={config.n_heads}")
+    layers.check_heads_divide(config, "dim", "n_heads")
     layers.activation(config.activation, "activation")
 
 

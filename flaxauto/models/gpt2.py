@@ -27,11 +27,7 @@ Precision = layers.Precision
 
 def check_config(config) -> None:
     """Refuse what this implementation does not compute, naming the attribute."""
-    if config.hidden_size % config.num_attention_heads:
-        raise ValueError(
-            f"hidden_size={config.hidden_size} is not a multiple of "
-            f"num_attention_heads={config.num_attention_heads}"
-        )
+    layers.check_heads_divide(config)
     if getattr(config, "add_cross_attention", False):
         raise NotImplementedError("add_cross_attention=True is not implemented for gpt2")
     layers.activation(config.activation_function, "activation_function")
@@ -129,9 +125,7 @@ class GPT2Model(DecoderBackbone):
         position_ids=None,  # [B or 1, T]
         inputs_embeds=None,  # [B, T, E]
         cache: KVCache | None = None,
-        *,
-        output_hidden_states: bool = False,
-        output_attentions: bool = False,
+        **flags,  # output_hidden_states, output_attentions
     ) -> BaseModelOutputWithPast:
         embeds, step, position_ids = self.begin(
             self.wte, input_ids, inputs_embeds, attention_mask, position_ids, cache, (None,)
@@ -139,7 +133,6 @@ class GPT2Model(DecoderBackbone):
         hidden = embeds + self.wpe(position_ids)
         if token_type_ids is not None:
             hidden = hidden + self.wte(token_type_ids)
-        flags = dict(output_hidden_states=output_hidden_states, output_attentions=output_attentions)
         return self.finish(self.h, self.drop(hidden), step, self.ln_f, flags)
 
 
