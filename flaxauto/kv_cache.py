@@ -28,19 +28,30 @@ Array = jax.Array
 
 @struct.dataclass
 class KVCache:
-    keys: tuple[Array, ...]  # per layer [B, S, K, D]
-    values: tuple[Array, ...]  # per layer [B, S, K, D]
+    """`keys[i]` / `values[i]` are layer i's [B, S, K, D]: a tuple of per-layer arrays, or one
+    [L, B, S, K, D] array for a backbone built with scan_layers (which scans over it)."""
+
+    keys: tuple[Array, ...] | Array
+    values: tuple[Array, ...] | Array
     mask: Array  # [B, S] int32: 1 where the slot holds a token to attend to
     length: Array  # [] int32: slots written so far (the same for every row)
 
     @classmethod
     def create(
-        cls, batch: int, max_length: int, num_layers: int, kv_heads: int, head_dim: int, dtype
+        cls, batch: int, max_length: int, shape: tuple[int, int, int], dtype, stacked=False
     ) -> KVCache:
-        shape = (batch, max_length, kv_heads, head_dim)
+        """shape: (layers, kv heads, head dim)."""
+        num_layers, kv_heads, head_dim = shape
+        layer_shape = (batch, max_length, kv_heads, head_dim)
+        if stacked:
+            keys, values = (jnp.zeros((num_layers, *layer_shape), dtype) for _ in range(2))
+        else:
+            keys, values = (
+                tuple(jnp.zeros(layer_shape, dtype) for _ in range(num_layers)) for _ in range(2)
+            )
         return cls(
-            keys=tuple(jnp.zeros(shape, dtype) for _ in range(num_layers)),
-            values=tuple(jnp.zeros(shape, dtype) for _ in range(num_layers)),
+            keys=keys,
+            values=values,
             mask=jnp.zeros((batch, max_length), jnp.int32),
             length=jnp.zeros((), jnp.int32),
         )
@@ -51,8 +62,11 @@ class KVCache:
 
 
 class DecoderStep:
-    """What every layer of one decoder forward shares: where the new tokens go, which slots they
-    may attend to (one bias per sliding window size), and the cache being filled."""
+    """What the layers of one decoder forward share: where the new tokens go, which slots they
+    may attend to (one bias per sliding window size; `windows` has one per layer, or one for
+    all), and the cache being filled. Each layer takes its own part through `per_layer` /
+    `layer_inputs`, so the same code runs the layers unrolled or scanned over stacked weights
+    and caches."""
 
     def __init__(self, cache: KVCache | None, attention_mask, batch: int, length: int, windows):
         new_mask = (
@@ -79,35 +93,49 @@ class DecoderStep:
             self.start = cache.length
             self.slot_mask = jax.lax.dynamic_update_slice(cache.mask, new_mask, (0, self.start))
         query_slots = self.start + jnp.arange(length, dtype=jnp.int32)  # [T]
-        self.biases = {w: _bias(self.slot_mask, query_slots, w) for w in set(windows)}
-        self.keys: list[Array] = []
-        self.values: list[Array] = []
+        distinct = sorted(set(windows), key=lambda w: -1 if w is None else w)
+        # [W, B, 1, T, S]; with several window sizes, each layer picks its own by index
+        self.biases = jnp.stack([_bias(self.slot_mask, query_slots, w) for w in distinct])
+        self.window_ids = (
+            jnp.asarray([distinct.index(w) for w in windows], jnp.int32)  # [L]
+            if len(distinct) > 1
+            else None
+        )
+
+    def per_layer(self) -> tuple:
+        """What differs between layers, each entry indexed by layer: the cache's keys and values
+        (when decoding with one) and the window ids (when layers use different windows)."""
+        cache = () if self.cache is None else (self.cache.keys, self.cache.values)
+        return cache + (() if self.window_ids is None else (self.window_ids,))
+
+    def layer_inputs(self, item: tuple):
+        """One layer's entry of `per_layer` -> (its cache (keys, values) or None, its attention
+        bias [B, 1, T, S])."""
+        layer_cache = item[:2] if self.cache is not None else None
+        bias = self.biases[0 if self.window_ids is None else item[-1]]
+        return layer_cache, bias
 
     def default_position_ids(self, length: int) -> Array:
         """[1, T]: continuing from the cache, as transformers does when given no position_ids."""
         return (self.start + jnp.arange(length, dtype=jnp.int32))[None, :]
 
-    def keys_values(self, layer: int, keys: Array, values: Array) -> tuple[Array, Array]:
-        """The new tokens' keys/values [B, T, K, D] -> everything to attend to [B, S, K, D]."""
-        if self.cache is not None:
-            keys = self._write(self.cache.keys[layer], keys)
-            values = self._write(self.cache.values[layer], values)
-        self.keys.append(keys)
-        self.values.append(values)
+    def keys_values(self, layer_cache, keys: Array, values: Array):
+        """The new tokens' keys/values [B, T, K, D] and this layer's cache (its keys and values
+        [B, S, K, D], or None) -> what to attend to, which is also the layer's new cache."""
+        if layer_cache is not None:
+            cached_keys, cached_values = layer_cache
+            keys, values = self._write(cached_keys, keys), self._write(cached_values, values)
         return keys, values
 
     def _write(self, buffer: Array, new: Array) -> Array:
         return jax.lax.dynamic_update_slice(buffer, new.astype(buffer.dtype), (0, self.start, 0, 0))
 
-    def new_cache(self, length: int) -> KVCache | None:
+    def new_cache(self, keys_values, length: int) -> KVCache | None:
+        """The cache after this forward, from every layer's new (keys, values)."""
         if self.cache is None:
             return None
-        return KVCache(
-            keys=tuple(self.keys),
-            values=tuple(self.values),
-            mask=self.slot_mask,
-            length=self.start + length,
-        )
+        keys, values = keys_values
+        return KVCache(keys=keys, values=values, mask=self.slot_mask, length=self.start + length)
 
 
 def _overflows(cache: KVCache, length: int) -> bool:
@@ -129,34 +157,26 @@ def _bias(slot_mask: Array, query_slots: Array, window: int | None) -> Array:
     return jnp.where(allowed, 0.0, jnp.finfo(jnp.float32).min)
 
 
-def run_decoder_layers(layers, hidden, step: DecoderStep, final_norm, flags: dict, **inputs):
-    """Run `layer(hidden, step, index, **inputs) -> (hidden, probs)` for every layer, then the
-    final norm. Returns (normed last hidden state, hidden_states, attentions) where, as in
-    transformers, hidden_states holds each layer's input and then the normed output."""
-    all_hidden, all_probs = [], []
-    for index, layer in enumerate(layers):
-        all_hidden.append(hidden)
-        hidden, probs = layer(hidden, step, index, **inputs)
-        all_probs.append(probs)
-    hidden = final_norm(hidden)
-    return (
-        hidden,
-        (*all_hidden, hidden) if flags.get("output_hidden_states") else None,
-        tuple(all_probs) if flags.get("output_attentions") else None,
-    )
-
-
 class DecoderBackbone(nnx.Module):
     """What decoder backbones share: the cache they fill (`cache_shape` = (layers, kv heads,
-    head dim), set by the family) and the forward around their layer stack."""
+    head dim), set by the family), the forward around their layer stack, and scan_layers /
+    remat. A layer is `layer(hidden, step, layer_cache, **inputs) -> (hidden, probs, new cache)`.
+    """
 
+    supports_scan_layers = supports_remat = True
     cache_shape: tuple[int, int, int]
     compute_dtype: jnp.dtype
+    remat: bool = False
+
+    def layer_stack(self, make_layer, num_layers: int, rngs, scan_layers: bool, remat: bool):
+        """The layers (`make_layer(index, rngs)`), remembering how they run."""
+        self.remat = remat
+        return layers.layer_stack(make_layer, num_layers, rngs, scan=scan_layers)
 
     def init_cache(self, batch_size: int, max_length: int, dtype=None) -> KVCache:
-        num_layers, kv_heads, head_dim = self.cache_shape
+        stacked = isinstance(self.stack, layers.ScannedLayers)
         dtype = dtype or self.compute_dtype
-        return KVCache.create(batch_size, max_length, num_layers, kv_heads, head_dim, dtype)
+        return KVCache.create(batch_size, max_length, self.cache_shape, dtype, stacked)
 
     def begin(self, embed, input_ids, inputs_embeds, attention_mask, position_ids, cache, windows):
         """-> token embeddings [B, T, E], the DecoderStep, position ids [B or 1, T]."""
@@ -169,15 +189,22 @@ class DecoderBackbone(nnx.Module):
             position_ids = step.default_position_ids(length)
         return inputs_embeds, step, position_ids
 
-    def finish(self, stack, hidden, step: DecoderStep, final_norm, flags, **inputs):
-        """Run the layers and the final norm -> BaseModelOutputWithPast (with the new cache)."""
-        length = hidden.shape[1]
-        hidden, all_hidden, all_probs = run_decoder_layers(
-            stack, hidden, step, final_norm, flags, **inputs
+    def finish(self, hidden, step: DecoderStep, final_norm, flags, **inputs):
+        """Run the layers and the final norm -> BaseModelOutputWithPast (with the new cache).
+        As in transformers, hidden_states holds each layer's input and then the normed output."""
+        last, all_hidden, all_probs, new_keys_values = layers.run_layers(
+            self.stack,
+            hidden,
+            lambda layer, hidden, item: layer(hidden, step, *step.layer_inputs(item), **inputs),
+            step.per_layer(),
+            output_hidden_states=flags.get("output_hidden_states", False),
+            output_attentions=flags.get("output_attentions", False),
+            remat=self.remat,
         )
+        last = final_norm(last)
         return BaseModelOutputWithPast(
-            last_hidden_state=hidden,
-            hidden_states=all_hidden,
+            last_hidden_state=last,
+            hidden_states=None if all_hidden is None else (*all_hidden[:-1], last),
             attentions=all_probs,
-            cache=step.new_cache(length),
+            cache=step.new_cache(new_keys_values, hidden.shape[1]),
         )

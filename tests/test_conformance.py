@@ -120,8 +120,6 @@ def test_sharded_on_fsdp_mesh_matches_single_device(case, loaded):
 
 
 def test_parity_with_scan_layers_and_remat(case, loaded, tmp_path):
-    if not getattr(loaded.family.backbone, "supports_scan_layers", False):
-        pytest.skip(f"{case.model_type} does not stack its layers yet")
     scanned = case.auto_class.from_pretrained(case.safetensors_dir, scan_layers=True, remat=True)
     forward = jax.jit(lambda model, batch: model(**batch))
     _assert_parity(case, forward(scanned, {**case.inputs, **case.labels}))

@@ -145,3 +145,10 @@ def test_unimplemented_settings_are_refused_by_name(model_type, overrides, attri
         setattr(config, name, value)
     with pytest.raises(NotImplementedError, match=attribute):
         flaxauto.AutoModel.from_config(config)
+
+
+def test_scan_layers_refuses_layers_that_differ_by_index():
+    config = tiny_config("gpt2", scale_attn_by_inverse_layer_idx=True)
+    flaxauto.AutoModel.from_config(config)  # unrolled, each layer has its own scale
+    with pytest.raises(NotImplementedError, match="scale_attn_by_inverse_layer_idx"):
+        flaxauto.AutoModel.from_config(config, scan_layers=True)

@@ -41,13 +41,35 @@ def _flat_by_name(model, grads) -> dict[str, np.ndarray]:
     return out
 
 
-def test_scan_and_remat_give_the_same_loss_and_gradients(checkpoint):
-    batch = {**text_inputs("bert", "base"), "labels": np.array([0, 1, 2, 1])}
-    results = {}
-    for scan_layers, remat in [(False, False), (True, True)]:
-        model = flaxauto.AutoModelForSequenceClassification.from_pretrained(
-            checkpoint, scan_layers=scan_layers, remat=remat
+@pytest.fixture(scope="module")
+def decoder_checkpoint(tmp_path_factory):
+    """qwen2's tiny config mixes full and sliding-window layers: scanned layers pick theirs."""
+    directory = tmp_path_factory.mktemp("qwen2-lm")
+    torch_model("qwen2", "causal-lm").save_pretrained(directory)
+    return directory
+
+
+@pytest.mark.parametrize("family", ["encoder", "decoder"])
+def test_scan_and_remat_give_the_same_loss_and_gradients(family, request):
+    if family == "encoder":
+        directory, auto_class = (
+            request.getfixturevalue("checkpoint"),
+            flaxauto.AutoModelForSequenceClassification,
         )
+        batch = {**text_inputs("bert", "base"), "labels": np.array([0, 1, 2, 1])}
+    else:
+        directory, auto_class = (
+            request.getfixturevalue("decoder_checkpoint"),
+            flaxauto.AutoModelForCausalLM,
+        )
+        inputs = text_inputs("qwen2", "causal-lm")
+        batch = {
+            **inputs,
+            "labels": np.where(inputs["attention_mask"] == 1, inputs["input_ids"], -100),
+        }
+    results = {}
+    for scan_layers, remat in [(False, False), (True, False), (False, True), (True, True)]:
+        model = auto_class.from_pretrained(directory, scan_layers=scan_layers, remat=remat)
         loss, grads = _loss_and_grads(model, batch)
         results[scan_layers, remat] = (float(loss), _flat_by_name(model, grads))
     plain_loss, plain_grads = results[False, False]
@@ -55,6 +77,7 @@ def test_scan_and_remat_give_the_same_loss_and_gradients(checkpoint):
         assert abs(loss - plain_loss) <= 1e-6
         for name, grad in plain_grads.items():
             np.testing.assert_allclose(grads[name], grad, atol=1e-6, err_msg=name)
+    assert any(np.abs(grad).max() > 0 for grad in plain_grads.values())
 
 
 def test_a_training_step_with_dropout_under_scan(checkpoint):

@@ -55,6 +55,19 @@ def test_greedy_is_token_identical_to_transformers(pair):
     np.testing.assert_array_equal(ours, expected)
 
 
+@pytest.mark.parametrize("model_type", ["gpt2", "qwen2"])
+def test_scanned_layers_generate_like_transformers(model_type, tmp_path):
+    """scan_layers stacks the cache [L, B, S, K, D] too; qwen2's tiny config mixes windows."""
+    reference = torch_model(model_type, "causal-lm")
+    reference.save_pretrained(tmp_path)
+    model = flaxauto.AutoModelForCausalLM.from_pretrained(tmp_path, scan_layers=True, remat=True)
+    assert model.init_cache(1, 8).keys.shape[0] == reference.config.num_hidden_layers
+    ids, mask = prompts(model_type)
+    expected = torch_generate(reference, ids, mask, max_new_tokens=NEW_TOKENS)
+    ours = np.asarray(model.generate(ids, attention_mask=mask, max_new_tokens=NEW_TOKENS))
+    np.testing.assert_array_equal(ours, expected)
+
+
 def test_eos_stops_every_row_and_pads_finished_ones(pair):
     model_type, reference, model = pair
     ids, mask = prompts(model_type)

@@ -165,7 +165,7 @@ class BertModel(layers.EncoderBackbone):
     ):
         check_config(config)
         self.embeddings = self.embeddings_class(config, precision, rngs)
-        make_layer = lambda rngs: BertLayer(config, precision, rngs)  # noqa: E731
+        make_layer = lambda _, rngs: BertLayer(config, precision, rngs)  # noqa: E731
         depth = config.num_hidden_layers
         self.encoder = layers.Encoder(make_layer, depth, rngs, scan=scan_layers, remat=remat)
         if add_pooling_layer:

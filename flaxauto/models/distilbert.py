@@ -103,7 +103,7 @@ class DistilBertModel(layers.EncoderBackbone):
     ):
         check_config(config)
         self.embeddings = Embeddings(config, precision, rngs)
-        make_block = lambda rngs: TransformerBlock(config, precision, rngs)  # noqa: E731
+        make_block = lambda _, rngs: TransformerBlock(config, precision, rngs)  # noqa: E731
         self.transformer = layers.Encoder(
             make_block, config.n_layers, rngs, scan=scan_layers, remat=remat
         )

@@ -55,16 +55,17 @@ class GPT2Attention(nnx.Module):
         self.attn_dropout = layers.dropout(config.attn_pdrop, rngs)
         self.resid_dropout = layers.dropout(config.resid_pdrop, rngs)
 
-    def __call__(self, hidden_states, step: DecoderStep, index: int):
+    def __call__(self, hidden_states, step: DecoderStep, layer_cache, bias):
         q, k, v = (
             layers.split_heads(x, self.num_heads)  # [B, T, H, D]
             for x in jnp.split(self.c_attn(hidden_states), 3, axis=-1)
         )
-        k, v = step.keys_values(index, k, v)  # [B, S, H, D]
+        k, v = step.keys_values(layer_cache, k, v)  # [B, S, H, D]
         context, probs = layers.dot_product_attention(
-            q, k, v, step.biases[None], self.attn_dropout, scale=self.scale
+            q, k, v, bias, self.attn_dropout, scale=self.scale
         )
-        return self.resid_dropout(self.c_proj(layers.merge_heads(context))), probs
+        new_cache = None if layer_cache is None else (k, v)
+        return self.resid_dropout(self.c_proj(layers.merge_heads(context))), probs, new_cache
 
 
 class GPT2MLP(nnx.Module):
@@ -90,32 +91,44 @@ class GPT2Block(nnx.Module):
         self.ln_2 = layers.layer_norm(hidden, eps, precision, rngs)
         self.mlp = GPT2MLP(config, inner, precision, rngs)
 
-    def __call__(self, hidden_states, step: DecoderStep, index: int):
-        attended, probs = self.attn(self.ln_1(hidden_states), step, index)
+    def __call__(self, hidden_states, step: DecoderStep, layer_cache, bias):
+        attended, probs, layer_cache = self.attn(self.ln_1(hidden_states), step, layer_cache, bias)
         hidden_states = hidden_states + attended
-        return hidden_states + self.mlp(self.ln_2(hidden_states)), probs
+        return hidden_states + self.mlp(self.ln_2(hidden_states)), probs, layer_cache
 
 
 class GPT2Model(DecoderBackbone):
     """The GPT-2 backbone: token + learned position embeddings, blocks, final LayerNorm."""
 
-    def __init__(self, config, precision: Precision, rngs: nnx.Rngs):
+    def __init__(
+        self, config, precision: Precision, rngs: nnx.Rngs, *, scan_layers=False, remat=False
+    ):
         check_config(config)
+        if scan_layers and config.scale_attn_by_inverse_layer_idx:
+            raise NotImplementedError(
+                "scale_attn_by_inverse_layer_idx=True with scan_layers=True is not implemented "
+                "for gpt2 (its layers then differ)"
+            )
         hidden, heads = config.hidden_size, config.num_attention_heads
         self.wte = layers.embedding(config.vocab_size, hidden, ("vocab", "embed"), precision, rngs)
         self.wpe = layers.embedding(
             config.max_position_embeddings, hidden, (None, "embed"), precision, rngs
         )
         self.drop = layers.dropout(config.embd_pdrop, rngs)
-        self.h = nnx.List(
-            [GPT2Block(config, i, precision, rngs) for i in range(config.num_hidden_layers)]
-        )
+        self.h = self.layer_stack(
+            lambda index, rngs: GPT2Block(config, index, precision, rngs),
+            config.num_hidden_layers, rngs, scan_layers, remat,
+        )  # fmt: skip
         self.ln_f = layers.layer_norm(hidden, config.layer_norm_epsilon, precision, rngs)
         self.cache_shape = (config.num_hidden_layers, heads, hidden // heads)
         self.compute_dtype = precision.dtype
 
     def get_input_embeddings(self) -> nnx.Embed:
         return self.wte
+
+    @property
+    def stack(self):
+        return self.h
 
     def __call__(
         self,
@@ -133,7 +146,7 @@ class GPT2Model(DecoderBackbone):
         hidden = embeds + self.wpe(position_ids)
         if token_type_ids is not None:
             hidden = hidden + self.wte(token_type_ids)
-        return self.finish(self.h, self.drop(hidden), step, self.ln_f, flags)
+        return self.finish(self.drop(hidden), step, self.ln_f, flags)
 
 
 #: transformers fixes GPT-2's span head at 2 outputs, whatever num_labels says

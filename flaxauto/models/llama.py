@@ -87,11 +87,10 @@ def qwen2_variant(config) -> Variant:
 
 
 class LlamaAttention(nnx.Module):
-    def __init__(self, config, variant: Variant, layer_idx: int, precision: Precision, rngs):
+    def __init__(self, config, variant: Variant, precision: Precision, rngs: nnx.Rngs):
         hidden, depth = config.hidden_size, head_dim(config)
         self.num_heads, self.num_kv_heads = config.num_attention_heads, config.num_key_value_heads
         self.scale = depth**-0.5
-        self.window = variant.windows[layer_idx]
         q_out, kv_out = self.num_heads * depth, self.num_kv_heads * depth
         bias = {"use_bias": variant.qkv_bias}
         self.q_proj = layers.linear(hidden, q_out, ("embed", "heads"), precision, rngs, **bias)
@@ -102,16 +101,15 @@ class LlamaAttention(nnx.Module):
         )
         self.dropout = layers.dropout(config.attention_dropout, rngs)
 
-    def __call__(self, hidden_states, step: DecoderStep, index: int, cos, sin):
+    def __call__(self, hidden_states, step: DecoderStep, layer_cache, bias, cos, sin):
         q = layers.split_heads(self.q_proj(hidden_states), self.num_heads)  # [B, T, H, D]
         k = layers.split_heads(self.k_proj(hidden_states), self.num_kv_heads)  # [B, T, K, D]
         v = layers.split_heads(self.v_proj(hidden_states), self.num_kv_heads)
         q, k = rope.apply_rotary(q, cos, sin), rope.apply_rotary(k, cos, sin)
-        k, v = step.keys_values(index, k, v)  # [B, S, K, D]
-        context, probs = layers.dot_product_attention(
-            q, k, v, step.biases[self.window], self.dropout, scale=self.scale
-        )
-        return self.o_proj(layers.merge_heads(context)), probs
+        k, v = step.keys_values(layer_cache, k, v)  # [B, S, K, D]
+        context, probs = layers.dot_product_attention(q, k, v, bias, self.dropout, scale=self.scale)
+        new_cache = None if layer_cache is None else (k, v)
+        return self.o_proj(layers.merge_heads(context)), probs, new_cache
 
 
 class LlamaMLP(nnx.Module):
@@ -132,17 +130,19 @@ class LlamaMLP(nnx.Module):
 class LlamaDecoderLayer(nnx.Module):
     """Pre-norm: x + attn(norm(x)), then x + mlp(norm(x))."""
 
-    def __init__(self, config, variant: Variant, layer_idx: int, precision: Precision, rngs):
+    def __init__(self, config, variant: Variant, precision: Precision, rngs: nnx.Rngs):
         hidden, eps = config.hidden_size, config.rms_norm_eps
-        self.self_attn = LlamaAttention(config, variant, layer_idx, precision, rngs)
+        self.self_attn = LlamaAttention(config, variant, precision, rngs)
         self.mlp = LlamaMLP(config, variant, precision, rngs)
         self.input_layernorm = layers.rms_norm(hidden, eps, precision, rngs)
         self.post_attention_layernorm = layers.rms_norm(hidden, eps, precision, rngs)
 
-    def __call__(self, hidden_states, step: DecoderStep, index: int, cos, sin):
-        attended, probs = self.self_attn(self.input_layernorm(hidden_states), step, index, cos, sin)
+    def __call__(self, hidden_states, step: DecoderStep, layer_cache, bias, cos, sin):
+        normed = self.input_layernorm(hidden_states)
+        attended, probs, layer_cache = self.self_attn(normed, step, layer_cache, bias, cos, sin)
         hidden_states = hidden_states + attended
-        return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states)), probs
+        hidden_states = hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
+        return hidden_states, probs, layer_cache
 
 
 class LlamaModel(DecoderBackbone):
@@ -151,25 +151,29 @@ class LlamaModel(DecoderBackbone):
 
     variant = staticmethod(llama_variant)
 
-    def __init__(self, config, precision: Precision, rngs: nnx.Rngs):
+    def __init__(
+        self, config, precision: Precision, rngs: nnx.Rngs, *, scan_layers=False, remat=False
+    ):
         variant = self.variant(config)
         self.windows = variant.windows
         self.rope = rope.rope_from_config(config, head_dim(config))
         self.embed_tokens = layers.embedding(
             config.vocab_size, config.hidden_size, ("vocab", "embed"), precision, rngs
         )
-        self.layers = nnx.List(
-            [
-                LlamaDecoderLayer(config, variant, i, precision, rngs)
-                for i in range(config.num_hidden_layers)
-            ]
-        )
+        self.layers = self.layer_stack(
+            lambda _, rngs: LlamaDecoderLayer(config, variant, precision, rngs),
+            config.num_hidden_layers, rngs, scan_layers, remat,
+        )  # fmt: skip
         self.norm = layers.rms_norm(config.hidden_size, config.rms_norm_eps, precision, rngs)
         self.cache_shape = (config.num_hidden_layers, config.num_key_value_heads, head_dim(config))
         self.compute_dtype = precision.dtype
 
     def get_input_embeddings(self) -> nnx.Embed:
         return self.embed_tokens
+
+    @property
+    def stack(self):
+        return self.layers
 
     def __call__(
         self,
@@ -185,7 +189,7 @@ class LlamaModel(DecoderBackbone):
             self.windows,
         )  # fmt: skip
         cos, sin = rope.cos_sin(self.rope, position_ids, embeds.dtype)  # [B or 1, T, D]
-        return self.finish(self.layers, embeds, step, self.norm, flags, cos=cos, sin=sin)
+        return self.finish(embeds, step, self.norm, flags, cos=cos, sin=sin)
 
 
 class MistralModel(LlamaModel):
