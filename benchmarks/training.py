@@ -1,4 +1,5 @@
-"""Training step memory: BERT-base sequence classification, remat=True vs False.
+"""Training step memory: remat=True vs False, for BERT-base sequence classification (memory and
+step time) and GPT-2 small causal LM (memory).
 
 One step = loss from labels, jax.value_and_grad over the nnx.split parameters, optax adamw
 update, with dropout on (model.train()); parameters and optimizer state are donated. Memory is
@@ -12,17 +13,17 @@ recomputes each layer's forward in the backward pass.
 
 from __future__ import annotations
 
-import inspect
-
 import common
 
 BATCH, LENGTH, LAYERS = 8, 128, 12
-
-
-def remat_available() -> bool:
-    from flaxauto import modeling
-
-    return "remat" in inspect.signature(modeling.from_config).parameters
+CASES = {  # name -> (transformers config class, flaxauto Auto class name, labels)
+    f"BERT-base {LAYERS} layers seq-cls": (
+        "BertConfig",
+        "AutoModelForSequenceClassification",
+        "class",
+    ),
+    f"GPT-2 small {LAYERS} layers causal-lm": ("GPT2Config", "AutoModelForCausalLM", "tokens"),
+}
 
 
 def training_step(model, optimizer):
@@ -48,7 +49,7 @@ def training_step(model, optimizer):
     return jax.jit(step, donate_argnums=(0, 1, 2))
 
 
-def measure(remat: bool, scan: bool, repeats: int) -> dict:
+def measure(case: str, remat: bool, scan: bool, repeats: int) -> dict:
     import jax
     import numpy as np
     import optax
@@ -57,10 +58,11 @@ def measure(remat: bool, scan: bool, repeats: int) -> dict:
 
     import flaxauto
 
-    config = transformers.BertConfig(num_hidden_layers=LAYERS, num_labels=3)
+    config_class, auto_class, labels = CASES[case]
+    config = getattr(transformers, config_class)(num_hidden_layers=LAYERS, num_labels=3)
     options = {"remat": True} if remat else {}
     options |= {"scan_layers": True} if scan else {}
-    build = lambda: flaxauto.AutoModelForSequenceClassification.from_config(config, **options)  # noqa: E731
+    build = lambda: getattr(flaxauto, auto_class).from_config(config, **options)  # noqa: E731
     # memory needs only shapes; timing a step needs real weights
     model = build() if repeats else nnx.eval_shape(build)
     model.train()
@@ -68,10 +70,11 @@ def measure(remat: bool, scan: bool, repeats: int) -> dict:
     _, params, rest = nnx.split(model, nnx.Param, ...)
     opt_state = optimizer.init(params) if repeats else jax.eval_shape(optimizer.init, params)
     rng = np.random.default_rng(0)
+    ids = rng.integers(0, config.vocab_size, (BATCH, LENGTH))
     batch = {
-        "input_ids": rng.integers(0, config.vocab_size, (BATCH, LENGTH)),
+        "input_ids": ids,
         "attention_mask": np.ones((BATCH, LENGTH), np.int32),
-        "labels": rng.integers(0, 3, (BATCH,)),
+        "labels": ids if labels == "tokens" else rng.integers(0, 3, (BATCH,)),
     }
     step = training_step(model, optimizer)
     compiled = step.lower(params, opt_state, rest, batch).compile()
@@ -94,27 +97,27 @@ def measure(remat: bool, scan: bool, repeats: int) -> dict:
 
 def main(argv=None) -> list[dict]:
     args = common.parser(__doc__.splitlines()[0]).parse_args(argv)
-    repeats = 0 if args.quick else 3  # --quick: memory only (no weights, no step run)
-    case = f"BERT-base {LAYERS} layers seq-cls {BATCH}x{LENGTH} adamw step"
-    if not remat_available():
-        return [
-            common.row("training", case, "pending", "", note="pending: option remat not available")
-        ]
     rows = []
-    for scan in (False, True):
-        plain, remat = measure(False, scan, repeats), measure(True, scan, repeats)
-        note = f"ratio of temp memory; peak {remat['peak'] / plain['peak']:.2f}x"
-        if repeats:
-            note += f"; step {remat['seconds']:.1f} s vs {plain['seconds']:.1f} s"
-        rows.append(
-            common.row(
-                "training", f"{case}, scan_layers={scan}: remat=True",
-                f"temp {common.mib(remat['temp'])}, peak {common.mib(remat['peak'])}",
-                f"remat=False: temp {common.mib(plain['temp'])}, peak {common.mib(plain['peak'])}",
-                remat["temp"] / plain["temp"], note=note,
-            )
-        )  # fmt: skip
+    for case in CASES:
+        # --quick, and the GPT-2 rows: memory only (no weights, no step run)
+        repeats = 0 if args.quick or "GPT-2" in case else 3
+        rows += [compare(case, scan, repeats) for scan in (False, True)]
     return rows
+
+
+def compare(case: str, scan: bool, repeats: int) -> dict:
+    plain, remat = measure(case, False, scan, repeats), measure(case, True, scan, repeats)
+    note = f"ratio of temp memory; peak {remat['peak'] / plain['peak']:.2f}x"
+    if repeats:
+        note += f"; step {remat['seconds']:.1f} s vs {plain['seconds']:.1f} s"
+    return common.row(
+        "training",
+        f"{case} {BATCH}x{LENGTH} adamw step, scan_layers={scan}: remat=True",
+        f"temp {common.mib(remat['temp'])}, peak {common.mib(remat['peak'])}",
+        f"remat=False: temp {common.mib(plain['temp'])}, peak {common.mib(plain['peak'])}",
+        remat["temp"] / plain["temp"],
+        note=note,
+    )
 
 
 if __name__ == "__main__":
