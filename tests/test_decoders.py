@@ -25,6 +25,11 @@ def long_inputs(length: int, batch: int = 2, vocab: int = 99) -> dict:
     return {"input_ids": ids, "attention_mask": np.ones_like(ids)}
 
 
+#: With the default initializer_range (0.02) the tiny model's attention is nearly uniform, and
+#: dropping a rope setting (yarn's attention factor, longrope's switch) moves its logits by only
+#: about 1e-4; ten times larger weights make positions matter (by about 1 there).
+SHARP = 0.2
+
 ROPE_VARIANTS = {
     "linear": {"rope_type": "linear", "factor": 2.0},
     "dynamic": {"rope_type": "dynamic", "factor": 3.0},
@@ -35,20 +40,41 @@ ROPE_VARIANTS = {
         "high_freq_factor": 4.0,
         "original_max_position_embeddings": 8,
     },
+    "yarn": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 8},
+    "yarn-mscale": {
+        "rope_type": "yarn",
+        "factor": 2.0,
+        "original_max_position_embeddings": 8,
+        "mscale": 2.0,
+        "mscale_all_dim": 0.5,
+        "beta_fast": 16,
+        "beta_slow": 2,
+        "truncate": False,
+    },
+    # head_dim 16: 8 factors each; positions 0..23 pass the original 8, so the long ones apply
+    "longrope": {
+        "rope_type": "longrope",
+        "short_factor": [1.0, 1.1, 1.2, 1.5, 2.0, 2.5, 3.0, 4.0],
+        "long_factor": [1.0, 1.3, 1.9, 2.7, 3.6, 5.0, 7.0, 9.0],
+        "original_max_position_embeddings": 8,
+    },
 }
 
 
 @pytest.mark.parametrize("variant", sorted(ROPE_VARIANTS))
 def test_rope_scaling_matches_transformers(variant, tmp_path):
-    # positions run past max_position_embeddings=16, where dynamic NTK starts stretching
+    # 24 positions run past max_position_embeddings=16, where dynamic NTK starts stretching,
+    # and past the original 8, where longrope takes its long factors; 6 stay within both
     params = {"rope_theta": 10000.0, **ROPE_VARIANTS[variant]}
     reference = torch_model(
-        "llama", "causal-lm", max_position_embeddings=16, rope_parameters=params
-    )
+        "llama", "causal-lm", max_position_embeddings=16, rope_parameters=params,
+        initializer_range=SHARP,
+    )  # fmt: skip
     model = load_like(reference, "causal-lm", tmp_path)
-    inputs = long_inputs(24)
-    expected = run_torch(reference, inputs).logits
-    assert max_diff(model(**inputs).logits, expected) <= TOLERANCE
+    for length in (24, 6):
+        inputs = long_inputs(length)
+        expected = run_torch(reference, inputs).logits
+        assert max_diff(model(**inputs).logits, expected) <= TOLERANCE, length
 
 
 def test_legacy_rope_scaling_key_is_read(tmp_path):
@@ -60,12 +86,15 @@ def test_legacy_rope_scaling_key_is_read(tmp_path):
     assert max_diff(model(**inputs).last_hidden_state, expected) <= TOLERANCE
 
 
-def test_dynamic_rope_generation_grows_like_transformers(tmp_path):
-    """Dynamic NTK recomputes the frequencies from the longest position at every step."""
-    params = {"rope_theta": 10000.0, "rope_type": "dynamic", "factor": 2.0}
+@pytest.mark.parametrize("variant", ["dynamic", "longrope"])
+def test_length_dependent_rope_generates_like_transformers(variant, tmp_path):
+    """Dynamic NTK recomputes the frequencies from the longest position at every step; longrope
+    switches to its long factors once the sequence passes the original context mid-generation."""
+    params = {"rope_theta": 10000.0, **ROPE_VARIANTS[variant]}
     reference = torch_model(
-        "llama", "causal-lm", max_position_embeddings=16, rope_parameters=params
-    )
+        "llama", "causal-lm", max_position_embeddings=16, rope_parameters=params,
+        initializer_range=SHARP,
+    )  # fmt: skip
     model = load_like(reference, "causal-lm", tmp_path)
     inputs = text_inputs("llama", "causal-lm")
     ids, mask = inputs["input_ids"], inputs["attention_mask"]
@@ -129,7 +158,7 @@ def test_causal_lm_loss_on_the_input_ids_as_labels(tmp_path):
 
 
 REFUSED = [
-    ("llama", dict(rope_parameters={"rope_type": "yarn", "factor": 2.0}), "rope_type"),
+    ("llama", dict(rope_parameters={"rope_type": "proportional"}), "rope_type"),
     ("llama", dict(rope_parameters={"rope_type": "default", "partial_rotary_factor": 0.5}),
      "partial_rotary_factor"),
     ("llama", dict(hidden_act="not-an-activation"), "hidden_act"),
