@@ -8,11 +8,12 @@ the top K = max(2, 1 + number of eos tokens) * N continuations of each row, so t
 still run when up to N * (number of eos tokens) end, and up to N ended ones enter the row's N best
 finished hypotheses, scored by sum of log-probabilities / generated length ** length_penalty.
 
-The search stops as transformers' does: `early_stopping=True` when every row holds N finished
-hypotheses; False when, besides, the best running beam scored at its current length could not
-beat the worst finished one; "never" the same, scored at max_length when length_penalty > 0. The
-bookkeeping (scores of -1e9 for excluded candidates, what ties resolve to) follows transformers
-step for step, so the chosen beams are the same.
+The search stops as transformers' does: at max_length; under `early_stopping=True` once every
+row holds N finished hypotheses; else once no row can improve, a row being done when its N
+hypotheses are finished and its best running beam, scored at its current length (at max_length
+under "never" with length_penalty > 0), cannot beat the worst of them. The bookkeeping (-1e9
+added to the scores of excluded candidates, float32 divisions rounded as PyTorch rounds them)
+follows transformers step by step, so that the same beams win.
 """
 
 from __future__ import annotations
@@ -60,9 +61,7 @@ class _Beams:
 
 
 def beam_settings(config, plan: generation.Plan, cache_length: int) -> BeamSettings:
-    early = config.early_stopping
-    if early is not True and early is not False and early != "never":
-        raise NotImplementedError(f"generation setting early_stopping={early!r} is not implemented")
+    early = config.early_stopping  # transformers validates it: True, False or "never"
     eos = plan.eos_token_ids
     # transformers fills with pad_token_id, or with the first eos where pad is 0 or unset (its
     # `pad or eos[0]` takes a pad id of 0 for unset); -1 without eos, never seen then: every
@@ -75,7 +74,7 @@ def beam_settings(config, plan: generation.Plan, cache_length: int) -> BeamSetti
     penalties[1:] = [g**penalty for g in range(1, cache_length + 1)]
     return BeamSettings(
         penalties=jnp.asarray(penalties),
-        stop_when_full=jnp.asarray(early is True),
+        stop_when_full=jnp.asarray(early is True),  # transformers' test: 1 acts as False
         score_at_max_length=jnp.asarray(early == "never" and penalty > 0),
         fill_token_id=jnp.asarray(fill, jnp.int32),
     )
@@ -179,9 +178,8 @@ def _select(plan, settings: BeamSettings, carry: _Beams, logits, prompt_bucket, 
     log_probs = generation.process_scores(plan, log_probs, carry.seen, length, min_length)
     vocab = log_probs.shape[-1]
     totals = log_probs.reshape(batch, n, vocab) + carry.running_scores[:, :, None]
-    scores, flat = jax.lax.top_k(
-        totals.reshape(batch, n * vocab), n * max(2, 1 + len(plan.eos_token_ids))
-    )  # [B, K]
+    kept = n * max(2, 1 + len(plan.eos_token_ids))  # K, see the module docstring
+    scores, flat = jax.lax.top_k(totals.reshape(batch, n * vocab), kept)  # [B, K]
     parent, token = flat // vocab, flat % vocab  # [B, K]
     candidates = _gather(carry.running, parent)  # [B, K, S]
     candidates = jax.lax.dynamic_update_slice(
