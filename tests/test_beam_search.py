@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
@@ -155,6 +156,27 @@ def test_other_prompt_lengths_reuse_the_beam_program(pair):
     # length_penalty and early_stopping are read at run time
     pair.ours(**pair.settings, length_penalty=0.3, early_stopping="never")
     assert beam_search._search._cache_size() == compiled
+
+
+@one_family("gpt2")
+def test_reorder_cache_takes_rows_in_either_layout(pair):
+    rng = np.random.default_rng(0)
+    cache = pair.model.init_cache(3, 8)
+    # per layer [B, S, K, D] (iterating a stacked [L, B, S, K, D] array yields the same)
+    keys, values = (
+        [rng.normal(size=x.shape).astype(np.float32) for x in layers]
+        for layers in (cache.keys, cache.values)
+    )
+    mask = rng.integers(0, 2, size=cache.mask.shape).astype(np.int32)
+    rows = np.array([2, 2, 0])
+    per_layer = cache.replace(keys=tuple(keys), values=tuple(values), mask=mask)
+    stacked = cache.replace(keys=np.stack(keys), values=np.stack(values), mask=mask)
+    for layout in (per_layer, stacked):
+        moved = beam_search.reorder_cache(layout, jnp.asarray(rows))
+        for layer, (k, v) in enumerate(zip(keys, values, strict=True)):
+            np.testing.assert_array_equal(moved.keys[layer], k[rows])
+            np.testing.assert_array_equal(moved.values[layer], v[rows])
+        np.testing.assert_array_equal(moved.mask, mask[rows])
 
 
 @one_family("llama")
