@@ -7,8 +7,9 @@ left-padded to a bucket, the cache sized to one), so prompts of other lengths an
 precedence: the `generation_config` argument, then the model's (the checkpoint's
 generation_config.json, else its config), then transformers' defaults, then keyword arguments.
 
-Supported: greedy and sampling (temperature, top_k, top_p), repetition_penalty, eos_token_id (int
-or list), pad_token_id, max_new_tokens / max_length, min_new_tokens / min_length, left-padded
+Supported: greedy, sampling (temperature, top_k, top_p) and beam search (num_beams, length_penalty,
+early_stopping, num_return_sequences; see flaxauto.beam_search), repetition_penalty, eos_token_id
+(int or list), pad_token_id, max_new_tokens / max_length, min_new_tokens / min_length, left-padded
 batches. Any other active setting raises NotImplementedError naming it.
 """
 
@@ -29,8 +30,6 @@ MIN_PROMPT_BUCKET = 8
 
 #: GenerationConfig attributes this module does not implement, with the values that leave them off.
 _INACTIVE = {
-    "num_beams": (None, 1),
-    "num_return_sequences": (None, 1),
     "num_beam_groups": (None, 1),
     "diversity_penalty": (None, 0.0),
     "no_repeat_ngram_size": (None, 0),
@@ -62,6 +61,7 @@ _INACTIVE = {
     "prompt_lookup_num_tokens": (None,),
     "assistant_early_exit": (None,),
     "use_mtp": (None, False),
+    "low_memory": (None, False),
     "output_scores": (None, False),
     "output_logits": (None, False),
     "output_attentions": (None, False),
@@ -119,7 +119,26 @@ def resolve_generation_config(model, generation_config=None, **kwargs):
             raise NotImplementedError(
                 f"generation setting {name}={getattr(config, name)!r} is not implemented"
             )
+    _check_strategy(config)
     return config, default_max_length
+
+
+def _check_strategy(config) -> None:
+    """The decoding strategies implemented: greedy, sampling, beam search (not beam sampling)."""
+    beams = config.num_beams or 1
+    returned = config.num_return_sequences or 1
+    if beams > 1 and config.do_sample:
+        raise NotImplementedError(
+            f"generation setting do_sample=True with num_beams={beams} (beam sampling) is not "
+            "implemented"
+        )
+    if beams == 1 and returned != 1:
+        raise NotImplementedError(
+            f"generation setting num_return_sequences={returned!r} without beam search is not "
+            "implemented"
+        )
+    if returned > beams:
+        raise ValueError(f"num_return_sequences ({returned}) must be <= num_beams ({beams})")
 
 
 def _plan(config) -> Plan:
@@ -179,8 +198,32 @@ def bucket(length: int, minimum: int = MIN_PROMPT_BUCKET) -> int:
 # --- the public entry point ----------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class Prompt:
+    """A prompt ready for a compiled program: left-padded further to a bucket length, so that
+    nearby prompt lengths share the program."""
+
+    ids: np.ndarray  # [B, P] int32, P the bucket
+    mask: np.ndarray  # [B, P] int32
+    length: int  # the prompt length the caller gave
+    max_length: int  # prompt included
+    min_length: int
+    cache_length: int  # the KV cache's (and token buffer's) bucketed length
+
+    @property
+    def padding(self) -> int:
+        """Columns of bucket padding in front of the caller's prompt."""
+        return self.ids.shape[1] - self.length
+
+    @property
+    def scalars(self) -> Array:
+        """What the program reads at run time: [prompt length, max_length, min_length]."""
+        return jnp.asarray([self.length, self.max_length, self.min_length], jnp.int32)
+
+
 def generate(model, input_ids, attention_mask=None, *, generation_config=None, key=None, **kwargs):
-    """Prompt [B, P] -> token ids [B, P + new] (prompt included), as transformers' generate.
+    """Prompt [B, P] -> token ids [B * num_return_sequences, P + new] (prompt included), as
+    transformers' generate.
 
     `key` seeds sampling (a jax.random key; fresh entropy if None). Rows that finish early are
     filled with pad_token_id; the result stops when every row has finished or at max_length.
@@ -189,6 +232,23 @@ def generate(model, input_ids, attention_mask=None, *, generation_config=None, k
         raise TypeError(f"generate() needs a causal LM (AutoModelForCausalLM), not {model.task}")
     config, default_max_length = resolve_generation_config(model, generation_config, **kwargs)
     plan = _plan(config)
+    prompt = _prepare(model, config, plan, default_max_length, input_ids, attention_mask)
+    graphdef, state = nnx.split(model)
+    kernel = _output_kernel(model)
+    if config.num_beams > 1:
+        from flaxauto import beam_search  # it builds on this module
+
+        return beam_search.generate(graphdef, state, kernel, config, plan, prompt)
+    if key is None:
+        key = jax.random.key(np.random.SeedSequence().entropy % (2**32))
+    tokens, steps = _decode(
+        graphdef, plan, prompt.cache_length, state, kernel, prompt.ids, prompt.mask,
+        prompt.scalars, key,
+    )  # fmt: skip
+    return tokens[:, prompt.padding : prompt.ids.shape[1] + int(steps)]
+
+
+def _prepare(model, config, plan: Plan, default_max_length: bool, input_ids, attention_mask):
     ids = np.asarray(input_ids, dtype=np.int32)
     if ids.ndim != 2:
         raise ValueError(f"input_ids must be [batch, length], got shape {ids.shape}")
@@ -199,17 +259,15 @@ def generate(model, input_ids, attention_mask=None, *, generation_config=None, k
     prompt = ids.shape[1]
     max_length, min_length = _lengths(model, config, default_max_length, prompt)
     prompt_bucket = bucket(prompt)
-    cache_length = bucket(prompt_bucket + max_length - prompt)
     extra = ((0, 0), (prompt_bucket - prompt, 0))  # more left padding: masked, never attended
-    ids = np.pad(ids, extra, constant_values=plan.pad_token_id)
-    mask = np.pad(mask.astype(np.int32), extra)
-    if key is None:
-        key = jax.random.key(np.random.SeedSequence().entropy % (2**32))
-    graphdef, state = nnx.split(model)
-    scalars = jnp.asarray([prompt, max_length, min_length], jnp.int32)
-    kernel = _output_kernel(model)
-    tokens, steps = _decode(graphdef, plan, cache_length, state, kernel, ids, mask, scalars, key)
-    return tokens[:, prompt_bucket - prompt : prompt_bucket + int(steps)]
+    return Prompt(
+        ids=np.pad(ids, extra, constant_values=plan.pad_token_id),
+        mask=np.pad(mask.astype(np.int32), extra),
+        length=prompt,
+        max_length=max_length,
+        min_length=min_length,
+        cache_length=bucket(prompt_bucket + max_length - prompt),
+    )
 
 
 # --- the compiled program ------------------------------------------------------------------------
@@ -240,20 +298,15 @@ def _decode(graphdef, plan: Plan, cache_length: int, state, kernel, ids, mask, s
     prompt_length, max_length, min_length = scalars[0], scalars[1], scalars[2]
     model = nnx.merge(graphdef, state)
     model.eval()
-    backbone, head = model.backbone, model.head
     batch, prompt_bucket = ids.shape
-    # transformers' positions for a padded prompt: count real tokens; padding gets 0
-    positions = jnp.where(mask == 0, 0, jnp.cumsum(mask, axis=-1) - 1)  # [B, P]
-    cache = backbone.init_cache(batch, cache_length)
-    out = backbone(ids, attention_mask=mask, position_ids=positions, cache=cache)
-    logits = head.logits(out.last_hidden_state[:, -1], backbone, kernel)  # [B, V]: last only
+    cache, position, logits = prefill(model, ids, mask, cache_length, kernel)
     tokens = jnp.full((batch, cache_length), plan.pad_token_id, jnp.int32)
     carry = _Carry(
         tokens=jax.lax.dynamic_update_slice(tokens, ids, (0, 0)),
-        cache=out.cache,
-        position=positions[:, -1],
+        cache=cache,
+        position=position,
         unfinished=jnp.ones((batch,), bool),
-        seen=_prompt_tokens(ids, mask, logits.shape[-1]) if plan.repetition_penalty != 1 else None,
+        seen=prompt_tokens(ids, mask, logits.shape[-1]) if plan.repetition_penalty != 1 else None,
         key=key,
         step=jnp.zeros((), jnp.int32),
     )
@@ -267,20 +320,38 @@ def _decode(graphdef, plan: Plan, cache_length: int, state, kernel, ids, mask, s
     def step(carry: _Carry) -> _Carry:
         last = jax.lax.dynamic_slice_in_dim(carry.tokens, prompt_bucket + carry.step - 1, 1, 1)
         position = carry.position + 1
-        out = backbone(
-            last,  # [B, 1]
-            attention_mask=jnp.ones_like(last),
-            position_ids=position[:, None],
-            cache=carry.cache,
-        )
-        logits = head.logits(out.last_hidden_state[:, 0], backbone, kernel)  # [B, V]
-        return choose(carry.replace(cache=out.cache, position=position), logits)
+        cache, logits = next_logits(model, last[:, 0], position, carry.cache, kernel)
+        return choose(carry.replace(cache=cache, position=position), logits)
 
     carry = jax.lax.while_loop(more, step, choose(carry, logits))
     return carry.tokens, carry.step
 
 
-def _prompt_tokens(ids, mask, vocab: int) -> Array:
+def prefill(model, ids, mask, cache_length: int, kernel):
+    """Run the prompt ids, mask [B, P] into a new cache. Returns the cache, the position id of
+    the last prompt token [B] and the next-token logits [B, V]."""
+    backbone = model.backbone
+    # transformers' positions for a padded prompt: count real tokens; padding gets 0
+    positions = jnp.where(mask == 0, 0, jnp.cumsum(mask, axis=-1) - 1)  # [B, P]
+    cache = backbone.init_cache(ids.shape[0], cache_length)
+    out = backbone(ids, attention_mask=mask, position_ids=positions, cache=cache)
+    logits = model.head.logits(out.last_hidden_state[:, -1], backbone, kernel)  # last only
+    return out.cache, positions[:, -1], logits
+
+
+def next_logits(model, token, position, cache, kernel):
+    """Feed one token per row (token, position [R]). Returns the cache and the logits [R, V]."""
+    backbone = model.backbone
+    out = backbone(
+        token[:, None],  # [R, 1]
+        attention_mask=jnp.ones((token.shape[0], 1), jnp.int32),
+        position_ids=position[:, None],
+        cache=cache,
+    )
+    return out.cache, model.head.logits(out.last_hidden_state[:, 0], backbone, kernel)
+
+
+def prompt_tokens(ids, mask, vocab: int) -> Array:
     """[B, V] bool: prompt tokens from the first real one on (transformers' repetition penalty
     skips left padding)."""
     first = jnp.argmax(mask != 0, axis=-1)  # [B]
@@ -291,19 +362,30 @@ def _prompt_tokens(ids, mask, vocab: int) -> Array:
     return seen[:, :vocab]
 
 
-def _choose(plan: Plan, carry: _Carry, logits, prompt_bucket, length, min_length) -> _Carry:
-    """Process the scores as transformers' logits processors do (in their order), pick the next
-    token, append it, update what has finished."""
-    scores = logits.astype(jnp.float32)  # [B, V]
-    vocab = scores.shape[-1]
+def eos_mask(plan: Plan, vocab: int) -> Array:
+    """[V] bool: the end-of-sequence tokens."""
+    return jnp.isin(jnp.arange(vocab), jnp.asarray(plan.eos_token_ids, jnp.int32))
+
+
+def process_scores(plan: Plan, scores, seen, length, min_length) -> Array:
+    """Scores [R, V] (logits, or log-probabilities for beam search) through transformers' logits
+    processors, in their order; `length`: tokens in each row so far, prompt included."""
     if plan.repetition_penalty != 1:
         penalised = jnp.where(
             scores < 0, scores * plan.repetition_penalty, scores / plan.repetition_penalty
         )
-        scores = jnp.where(carry.seen, penalised, scores)
-    is_eos = jnp.isin(jnp.arange(vocab), jnp.asarray(plan.eos_token_ids, jnp.int32))  # [V]
+        scores = jnp.where(seen, penalised, scores)
     if plan.eos_token_ids:  # min_length / min_new_tokens: no eos before the minimum
+        is_eos = eos_mask(plan, scores.shape[-1])
         scores = jnp.where((length < min_length) & is_eos[None, :], -jnp.inf, scores)
+    return scores
+
+
+def _choose(plan: Plan, carry: _Carry, logits, prompt_bucket, length, min_length) -> _Carry:
+    """Process the scores as transformers' logits processors do (in their order), pick the next
+    token, append it, update what has finished."""
+    scores = process_scores(plan, logits.astype(jnp.float32), carry.seen, length, min_length)
+    is_eos = eos_mask(plan, scores.shape[-1])  # [V]
     key, sample_key = jax.random.split(carry.key)
     if plan.do_sample:
         scores = _warp(plan, scores)

@@ -107,8 +107,9 @@ class Model(nnx.Module):
         return self.static.generation_config
 
     def generate(self, input_ids, attention_mask=None, *, generation_config=None, key=None, **kw):
-        """Token ids [B, prompt + new] as transformers' generate returns them (causal LMs): greedy
-        or sampling, in one compiled program. See flaxauto.generation.generate."""
+        """Token ids [B * num_return_sequences, prompt + new] as transformers' generate returns
+        them (causal LMs): greedy, sampling or beam search, in one compiled program. See
+        flaxauto.generation.generate."""
         from flaxauto import generation
 
         return generation.generate(
