@@ -160,7 +160,8 @@ def _bias(slot_mask: Array, query_slots: Array, window: int | None) -> Array:
 class DecoderBackbone(nnx.Module):
     """What decoder backbones share: the cache they fill (`cache_shape` = (layers, kv heads,
     head dim), set by the family), the forward around their layer stack, and scan_layers /
-    remat. A layer is `layer(hidden, step, layer_cache, **inputs) -> (hidden, probs, new cache)`.
+    remat. A layer is `layer(hidden, step, layer_cache, bias, **inputs) -> (hidden, probs, new
+    layer cache)`.
     """
 
     supports_scan_layers = supports_remat = True
@@ -173,14 +174,22 @@ class DecoderBackbone(nnx.Module):
         self.remat = remat
         return layers.layer_stack(make_layer, num_layers, rngs, scan=scan_layers)
 
+    @property
+    def scanned(self) -> bool:
+        return isinstance(self.stack, layers.ScannedLayers)
+
     def init_cache(self, batch_size: int, max_length: int, dtype=None) -> KVCache:
-        stacked = isinstance(self.stack, layers.ScannedLayers)
         dtype = dtype or self.compute_dtype
-        return KVCache.create(batch_size, max_length, self.cache_shape, dtype, stacked)
+        return KVCache.create(batch_size, max_length, self.cache_shape, dtype, self.scanned)
 
     def begin(self, embed, input_ids, inputs_embeds, attention_mask, position_ids, cache, windows):
         """-> token embeddings [B, T, E], the DecoderStep, position ids [B or 1, T]."""
         layers.exactly_one(input_ids, inputs_embeds)
+        if cache is not None and isinstance(cache.keys, tuple) == self.scanned:
+            raise ValueError(
+                "the cache's layout does not match this model's layers "
+                f"(scan_layers={self.scanned}): make it with model.init_cache"
+            )
         if inputs_embeds is None:
             inputs_embeds = embed(input_ids)
         batch, length = inputs_embeds.shape[:2]

@@ -62,6 +62,9 @@ def test_scanned_layers_generate_like_transformers(model_type, tmp_path):
     reference.save_pretrained(tmp_path)
     model = flaxauto.AutoModelForCausalLM.from_pretrained(tmp_path, scan_layers=True, remat=True)
     assert model.init_cache(1, 8).keys.shape[0] == reference.config.num_hidden_layers
+    unrolled = flaxauto.AutoModelForCausalLM.from_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="init_cache"):
+        model(np.ones((1, 2), np.int32), cache=unrolled.init_cache(1, 8))
     ids, mask = prompts(model_type)
     expected = torch_generate(reference, ids, mask, max_new_tokens=NEW_TOKENS)
     ours = np.asarray(model.generate(ids, attention_mask=mask, max_new_tokens=NEW_TOKENS))
