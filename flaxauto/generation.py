@@ -185,7 +185,7 @@ def generate(model, input_ids, attention_mask=None, *, generation_config=None, k
     `key` seeds sampling (a jax.random key; fresh entropy if None). Rows that finish early are
     filled with pad_token_id; the result stops when every row has finished or at max_length.
     """
-    if model.task != "causal-lm" or not hasattr(model.head, "logits"):
+    if model.task != "causal-lm" or not hasattr(model.head, "decode_logits"):
         raise TypeError(f"generate() needs a causal LM (AutoModelForCausalLM), not {model.task}")
     config, default_max_length = resolve_generation_config(model, generation_config, **kwargs)
     plan = _plan(config)
@@ -207,36 +207,17 @@ def generate(model, input_ids, attention_mask=None, *, generation_config=None, k
         key = jax.random.key(np.random.SeedSequence().entropy % (2**32))
     graphdef, state = nnx.split(model)
     scalars = jnp.asarray([prompt, max_length, min_length], jnp.int32)
-    kernel = _output_kernel(model)
-    tokens, steps = _decode(graphdef, plan, cache_length, state, kernel, ids, mask, scalars, key)
+    tokens, steps = _decode(graphdef, plan, cache_length, state, ids, mask, scalars, key)
     return tokens[:, prompt_bucket - prompt : prompt_bucket + int(steps)]
 
 
 # --- the compiled program ------------------------------------------------------------------------
 
 
-def _output_kernel(model):
-    """The LM head's [E, V] matrix, in the layout the CPU matrix-vector product reads fastest
-    (None: not on CPU, where XLA picks layouts itself, or a head without one). A tied head's is
-    a transposed copy of the embedding table, slow to make (about as long as three decoding
-    steps), so it is kept with the model while the table it came from is the same array."""
-    head = model.head
-    if jax.default_backend() != "cpu" or not hasattr(head, "decode_kernel"):
-        return None
-    if not head.tied:
-        return head.decode_kernel(model.backbone)  # the lm_head kernel itself: no copy
-    table = model.backbone.get_input_embeddings().embedding.get_value()
-    kept = getattr(model.static, "lm_kernel", None)
-    if kept is None or kept[0] is not table:
-        model.static.lm_kernel = (table, head.decode_kernel(model.backbone))
-    return model.static.lm_kernel[1]
-
-
 @functools.partial(jax.jit, static_argnames=("graphdef", "plan", "cache_length"))
-def _decode(graphdef, plan: Plan, cache_length: int, state, kernel, ids, mask, scalars, key):
+def _decode(graphdef, plan: Plan, cache_length: int, state, ids, mask, scalars, key):
     """ids, mask [B, P] (left-padded to the bucket P); scalars: prompt length as the caller sees
-    it, max_length, min_length; kernel: the LM head's [E, V] matrix or None. Returns tokens
-    [B, S] and the number of tokens generated."""
+    it, max_length, min_length. Returns tokens [B, S] and the number of tokens generated."""
     prompt_length, max_length, min_length = scalars[0], scalars[1], scalars[2]
     model = nnx.merge(graphdef, state)
     model.eval()
@@ -246,7 +227,7 @@ def _decode(graphdef, plan: Plan, cache_length: int, state, kernel, ids, mask, s
     positions = jnp.where(mask == 0, 0, jnp.cumsum(mask, axis=-1) - 1)  # [B, P]
     cache = backbone.init_cache(batch, cache_length)
     out = backbone(ids, attention_mask=mask, position_ids=positions, cache=cache)
-    logits = head.logits(out.last_hidden_state[:, -1], backbone, kernel)  # [B, V]: last only
+    logits = head.decode_logits(out.last_hidden_state[:, -1], backbone)  # [B, V]: last only
     tokens = jnp.full((batch, cache_length), plan.pad_token_id, jnp.int32)
     carry = _Carry(
         tokens=jax.lax.dynamic_update_slice(tokens, ids, (0, 0)),
@@ -273,7 +254,7 @@ def _decode(graphdef, plan: Plan, cache_length: int, state, kernel, ids, mask, s
             position_ids=position[:, None],
             cache=carry.cache,
         )
-        logits = head.logits(out.last_hidden_state[:, 0], backbone, kernel)  # [B, V]
+        logits = head.decode_logits(out.last_hidden_state[:, 0], backbone)  # [B, V]
         return choose(carry.replace(cache=out.cache, position=position), logits)
 
     carry = jax.lax.while_loop(more, step, choose(carry, logits))
