@@ -80,11 +80,11 @@ def beam_settings(config, plan: generation.Plan, cache_length: int) -> BeamSetti
     )
 
 
-def generate(graphdef, state, kernel, config, plan: generation.Plan, prompt: generation.Prompt):
+def generate(graphdef, state, config, plan: generation.Plan, prompt: generation.Prompt):
     """-> token ids [B * num_return_sequences, prompt + generated], each row's best first."""
     settings = beam_settings(config, plan, prompt.cache_length)
     tokens, lengths = _search(
-        graphdef, plan, int(config.num_beams), prompt.cache_length, state, kernel, prompt.ids,
+        graphdef, plan, int(config.num_beams), prompt.cache_length, state, prompt.ids,
         prompt.mask, prompt.scalars, settings,
     )  # fmt: skip
     returned = config.num_return_sequences or 1
@@ -94,7 +94,7 @@ def generate(graphdef, state, kernel, config, plan: generation.Plan, prompt: gen
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "plan", "num_beams", "cache_length"))
-def _search(graphdef, plan, num_beams: int, cache_length: int, state, kernel, ids, mask, scalars,
+def _search(graphdef, plan, num_beams: int, cache_length: int, state, ids, mask, scalars,
             settings: BeamSettings):  # fmt: skip
     """ids, mask [B, P] (left-padded to the bucket P); scalars: prompt length as the caller sees
     it, max_length, min_length. Returns the finished hypotheses [B, N, S] (best first) and their
@@ -104,7 +104,7 @@ def _search(graphdef, plan, num_beams: int, cache_length: int, state, kernel, id
     model.eval()
     batch, prompt_bucket = ids.shape
     n = num_beams
-    cache, position, logits = generation.prefill(model, ids, mask, cache_length, kernel)
+    cache, position, logits = generation.prefill(model, ids, mask, cache_length)
     every_beam = jnp.repeat(jnp.arange(batch), n)  # [B * N]: the row each beam belongs to
     tokens = jnp.full((batch, n, cache_length), settings.fill_token_id, jnp.int32)
     tokens = tokens.at[:, :, :prompt_bucket].set(
@@ -145,9 +145,7 @@ def _search(graphdef, plan, num_beams: int, cache_length: int, state, kernel, id
     def step(carry: _Beams) -> _Beams:
         last = jax.lax.dynamic_index_in_dim(carry.running, prompt_bucket + carry.step - 1, 2, False)
         position = carry.position + 1
-        cache, logits = generation.next_logits(
-            model, last.reshape(-1), position, carry.cache, kernel
-        )
+        cache, logits = generation.next_logits(model, last.reshape(-1), position, carry.cache)
         return select(carry.replace(cache=cache, position=position), logits)
 
     carry = jax.lax.while_loop(more, step, select(carry, jnp.repeat(logits, n, axis=0)))

@@ -228,21 +228,20 @@ def generate(model, input_ids, attention_mask=None, *, generation_config=None, k
     `key` seeds sampling (a jax.random key; fresh entropy if None). Rows that finish early are
     filled with pad_token_id; the result stops when every row has finished or at max_length.
     """
-    if model.task != "causal-lm" or not hasattr(model.head, "logits"):
+    if model.task != "causal-lm" or not hasattr(model.head, "decode_logits"):
         raise TypeError(f"generate() needs a causal LM (AutoModelForCausalLM), not {model.task}")
     config, default_max_length = resolve_generation_config(model, generation_config, **kwargs)
     plan = _plan(config)
     prompt = _prepare(model, config, plan, default_max_length, input_ids, attention_mask)
     graphdef, state = nnx.split(model)
-    kernel = _output_kernel(model)
     if config.num_beams > 1:
         from flaxauto import beam_search  # it builds on this module
 
-        return beam_search.generate(graphdef, state, kernel, config, plan, prompt)
+        return beam_search.generate(graphdef, state, config, plan, prompt)
     if key is None:
         key = jax.random.key(np.random.SeedSequence().entropy % (2**32))
     tokens, steps = _decode(
-        graphdef, plan, prompt.cache_length, state, kernel, prompt.ids, prompt.mask,
+        graphdef, plan, prompt.cache_length, state, prompt.ids, prompt.mask,
         prompt.scalars, key,
     )  # fmt: skip
     return tokens[:, prompt.padding : prompt.ids.shape[1] + int(steps)]
@@ -273,33 +272,15 @@ def _prepare(model, config, plan: Plan, default_max_length: bool, input_ids, att
 # --- the compiled program ------------------------------------------------------------------------
 
 
-def _output_kernel(model):
-    """The LM head's [E, V] matrix, in the layout the CPU matrix-vector product reads fastest
-    (None: not on CPU, where XLA picks layouts itself, or a head without one). A tied head's is
-    a transposed copy of the embedding table, slow to make (about as long as three decoding
-    steps), so it is kept with the model while the table it came from is the same array."""
-    head = model.head
-    if jax.default_backend() != "cpu" or not hasattr(head, "decode_kernel"):
-        return None
-    if not head.tied:
-        return head.decode_kernel(model.backbone)  # the lm_head kernel itself: no copy
-    table = model.backbone.get_input_embeddings().embedding.get_value()
-    kept = getattr(model.static, "lm_kernel", None)
-    if kept is None or kept[0] is not table:
-        model.static.lm_kernel = (table, head.decode_kernel(model.backbone))
-    return model.static.lm_kernel[1]
-
-
 @functools.partial(jax.jit, static_argnames=("graphdef", "plan", "cache_length"))
-def _decode(graphdef, plan: Plan, cache_length: int, state, kernel, ids, mask, scalars, key):
+def _decode(graphdef, plan: Plan, cache_length: int, state, ids, mask, scalars, key):
     """ids, mask [B, P] (left-padded to the bucket P); scalars: prompt length as the caller sees
-    it, max_length, min_length; kernel: the LM head's [E, V] matrix or None. Returns tokens
-    [B, S] and the number of tokens generated."""
+    it, max_length, min_length. Returns tokens [B, S] and the number of tokens generated."""
     prompt_length, max_length, min_length = scalars[0], scalars[1], scalars[2]
     model = nnx.merge(graphdef, state)
     model.eval()
     batch, prompt_bucket = ids.shape
-    cache, position, logits = prefill(model, ids, mask, cache_length, kernel)
+    cache, position, logits = prefill(model, ids, mask, cache_length)
     tokens = jnp.full((batch, cache_length), plan.pad_token_id, jnp.int32)
     carry = _Carry(
         tokens=jax.lax.dynamic_update_slice(tokens, ids, (0, 0)),
@@ -320,14 +301,14 @@ def _decode(graphdef, plan: Plan, cache_length: int, state, kernel, ids, mask, s
     def step(carry: _Carry) -> _Carry:
         last = jax.lax.dynamic_slice_in_dim(carry.tokens, prompt_bucket + carry.step - 1, 1, 1)
         position = carry.position + 1
-        cache, logits = next_logits(model, last[:, 0], position, carry.cache, kernel)
+        cache, logits = next_logits(model, last[:, 0], position, carry.cache)
         return choose(carry.replace(cache=cache, position=position), logits)
 
     carry = jax.lax.while_loop(more, step, choose(carry, logits))
     return carry.tokens, carry.step
 
 
-def prefill(model, ids, mask, cache_length: int, kernel):
+def prefill(model, ids, mask, cache_length: int):
     """Run the prompt ids, mask [B, P] into a new cache. Returns the cache, the position id of
     the last prompt token [B] and the next-token logits [B, V]."""
     backbone = model.backbone
@@ -335,11 +316,11 @@ def prefill(model, ids, mask, cache_length: int, kernel):
     positions = jnp.where(mask == 0, 0, jnp.cumsum(mask, axis=-1) - 1)  # [B, P]
     cache = backbone.init_cache(ids.shape[0], cache_length)
     out = backbone(ids, attention_mask=mask, position_ids=positions, cache=cache)
-    logits = model.head.logits(out.last_hidden_state[:, -1], backbone, kernel)  # last only
+    logits = model.head.decode_logits(out.last_hidden_state[:, -1], backbone)  # last only
     return out.cache, positions[:, -1], logits
 
 
-def next_logits(model, token, position, cache, kernel):
+def next_logits(model, token, position, cache):
     """Feed one token per row (token, position [R]). Returns the cache and the logits [R, V]."""
     backbone = model.backbone
     out = backbone(
@@ -348,7 +329,7 @@ def next_logits(model, token, position, cache, kernel):
         position_ids=position[:, None],
         cache=cache,
     )
-    return out.cache, model.head.logits(out.last_hidden_state[:, 0], backbone, kernel)
+    return out.cache, model.head.decode_logits(out.last_hidden_state[:, 0], backbone)
 
 
 def prompt_tokens(ids, mask, vocab: int) -> Array:

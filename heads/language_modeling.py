@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 from flax import nnx
 
@@ -91,22 +92,24 @@ class CausalLMHead(Head):
                 use_bias=False,
             )
 
-    def logits(self, hidden, backbone, kernel=None):
-        """[..., E] -> [..., V]; generation calls this on the last position only, with the
-        [E, V] `kernel` from decode_kernel when it has one."""
-        if kernel is not None:
-            return jnp.dot(hidden, kernel.astype(hidden.dtype))
+    def logits(self, hidden, backbone):
+        """[..., E] -> [..., V]."""
         if self.tied:
             return backbone.get_input_embeddings().attend(hidden)
         return self.lm_head(hidden)
 
-    def decode_kernel(self, backbone):
-        """The output matrix laid out [E, V], for a decoding loop to compute once: a tied head
-        reads the embedding table [V, E] transposed, which XLA's CPU matrix-vector product runs
-        about 1.7x slower than [E, V] (decoding on CPU is bound by reading this matrix)."""
-        if self.tied:
-            return jnp.transpose(backbone.get_input_embeddings().embedding[...])
-        return self.lm_head.kernel[...]
+    def decode_logits(self, hidden, backbone):
+        """[B, E] -> [B, V] for one decoding step, which is bound by reading the output matrix.
+
+        A tied head contracts the embedding table [V, E] as the left operand over its contiguous
+        axis and transposes the small [V, B] result; measured on XLA:CPU, that reads the table as
+        fast as a transposed [E, V] copy would at batch 1 (attend's hidden @ table.T: about 1.3x
+        slower) and about 1.6x faster than either at batch 8, with no copy of the table."""
+        if not self.tied:
+            return self.lm_head(hidden)
+        embed = backbone.get_input_embeddings()
+        hidden, table = embed.promote_dtype((hidden, embed.embedding[...]), dtype=embed.dtype)
+        return jax.lax.dot_general(table, hidden, (((1,), (1,)), ((), ()))).T
 
     def __call__(self, features, *, backbone, inputs, labels=None):
         logits = self.logits(features.last_hidden_state, backbone)  # [B, T, V]

@@ -60,12 +60,11 @@ class GPT2Attention(nnx.Module):
             layers.split_heads(x, self.num_heads)  # [B, T, H, D]
             for x in jnp.split(self.c_attn(hidden_states), 3, axis=-1)
         )
-        k, v = step.keys_values(layer_cache, k, v)  # [B, S, H, D]
+        k, v, layer_cache = step.keys_values(layer_cache, k, v)  # [B, S, H, D]
         context, probs = layers.dot_product_attention(
             q, k, v, bias, self.attn_dropout, scale=self.scale
         )
-        new_cache = None if layer_cache is None else (k, v)
-        return self.resid_dropout(self.c_proj(layers.merge_heads(context))), probs, new_cache
+        return self.resid_dropout(self.c_proj(layers.merge_heads(context))), probs, layer_cache
 
 
 class GPT2MLP(nnx.Module):

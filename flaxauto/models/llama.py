@@ -106,10 +106,9 @@ class LlamaAttention(nnx.Module):
         k = layers.split_heads(self.k_proj(hidden_states), self.num_kv_heads)  # [B, T, K, D]
         v = layers.split_heads(self.v_proj(hidden_states), self.num_kv_heads)
         q, k = rope.apply_rotary(q, cos, sin), rope.apply_rotary(k, cos, sin)
-        k, v = step.keys_values(layer_cache, k, v)  # [B, S, K, D]
+        k, v, layer_cache = step.keys_values(layer_cache, k, v)  # [B, S, K, D]
         context, probs = layers.dot_product_attention(q, k, v, bias, self.dropout, scale=self.scale)
-        new_cache = None if layer_cache is None else (k, v)
-        return self.o_proj(layers.merge_heads(context)), probs, new_cache
+        return self.o_proj(layers.merge_heads(context)), probs, layer_cache
 
 
 class LlamaMLP(nnx.Module):
