@@ -82,13 +82,14 @@ def test_register_a_family_from_outside(tmp_path, forget_toy_family):
         flaxauto.AutoModelForMaskedLM.from_config(config)
 
 
-def test_pmap_data_parallel_over_replicated_state(tmp_path):
-    reference_model = torch_model("bert", "sequence-classification")
+@pytest.mark.parametrize("model_type", ["bert", "distilbert", "gpt2", "llama"])
+def test_pmap_data_parallel_over_replicated_state(model_type, tmp_path):
+    reference_model = torch_model(model_type, "sequence-classification")
     reference_model.save_pretrained(tmp_path)
     model = flaxauto.AutoModelForSequenceClassification.from_pretrained(tmp_path)
     graphdef, state = nnx.split(model)
     devices = jax.local_devices()[:4]
-    inputs = text_inputs("bert", "base")  # batch 4: one sequence per device
+    inputs = text_inputs(model_type, "base")  # batch 4: one sequence per device
     per_device = {k: v.reshape(len(devices), -1, v.shape[-1]) for k, v in inputs.items()}
     forward = jax.pmap(lambda state, batch: nnx.merge(graphdef, state)(**batch).logits)
     logits = forward(flaxauto.sharding.replicate(state, devices), per_device)
