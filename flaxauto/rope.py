@@ -71,7 +71,7 @@ def rope_from_config(config, head_dim: int) -> Rope:
     theta = params.get("rope_theta", getattr(config, "rope_theta", None))
     if theta is None:
         raise ValueError("rope_parameters lack rope_theta")
-    inv_freq = _base_frequencies(float(theta), head_dim)
+    inv_freq = 1.0 / _wavelength_powers(float(theta), head_dim)
     extra = {}
     if rope_type == "linear":
         inv_freq = inv_freq / np.float32(params["factor"])
@@ -96,10 +96,11 @@ def _values(inv_freq: np.ndarray) -> tuple[float, ...]:
     return tuple(float(x) for x in np.asarray(inv_freq, np.float32))
 
 
-def _base_frequencies(theta, dim: int):
-    # float32 as transformers computes them: theta ** (2i / dim), i = 0 .. dim/2 - 1
+def _wavelength_powers(theta, dim: int) -> np.ndarray:
+    """theta ** (2i / dim), i = 0 .. dim/2 - 1, in float32 as transformers computes them: the
+    base inverse frequencies are their reciprocals, which yarn and longrope scale first."""
     exponents = np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / np.float32(dim)
-    return 1.0 / (theta**exponents)
+    return theta**exponents
 
 
 def _llama3(params: dict, inv_freq: np.ndarray) -> np.ndarray:
@@ -144,7 +145,7 @@ def _yarn(params: dict, theta: float, dim: int) -> tuple[np.ndarray, float]:
         high += 0.001  # as transformers: no division by zero
     ramp = np.clip((np.arange(dim // 2, dtype=np.float32) - low) / (high - low), 0, 1)
     kept = (1 - ramp).astype(np.float32)  # 1: extrapolate (keep), 0: interpolate
-    powers = theta ** (np.arange(0, dim, 2).astype(np.float32) / dim)
+    powers = _wavelength_powers(theta, dim)
     kept_freq, divided_freq = 1.0 / powers, 1.0 / (factor * powers)
     inv_freq = divided_freq * (1 - kept) + kept_freq * kept
     return inv_freq.astype(np.float32), float(attention_factor)
@@ -163,7 +164,7 @@ def _longrope(params: dict, theta: float, dim: int, max_position_embeddings: int
         attention_factor = (
             1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(old_context))
         )
-    powers = theta ** (np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / dim)
+    powers = _wavelength_powers(theta, dim)
 
     def frequencies(name):
         return 1.0 / (np.asarray(params[name], np.float32) * powers)

@@ -61,16 +61,21 @@ ROPE_VARIANTS = {
 }
 
 
-@pytest.mark.parametrize("variant", sorted(ROPE_VARIANTS))
-def test_rope_scaling_matches_transformers(variant, tmp_path):
-    # 24 positions run past max_position_embeddings=16, where dynamic NTK starts stretching,
-    # and past the original 8, where longrope takes its long factors; 6 stay within both
+def rope_pair(variant: str, directory):
+    """A tiny Llama causal LM with ROPE_VARIANTS[variant] (trained length 16), and flaxauto's."""
     params = {"rope_theta": 10000.0, **ROPE_VARIANTS[variant]}
     reference = torch_model(
         "llama", "causal-lm", max_position_embeddings=16, rope_parameters=params,
         initializer_range=SHARP,
     )  # fmt: skip
-    model = load_like(reference, "causal-lm", tmp_path)
+    return reference, load_like(reference, "causal-lm", directory)
+
+
+@pytest.mark.parametrize("variant", sorted(ROPE_VARIANTS))
+def test_rope_scaling_matches_transformers(variant, tmp_path):
+    # 24 positions run past max_position_embeddings=16, where dynamic NTK starts stretching,
+    # and past the original 8, where longrope takes its long factors; 6 stay within both
+    reference, model = rope_pair(variant, tmp_path)
     for length in (24, 6):
         inputs = long_inputs(length)
         expected = run_torch(reference, inputs).logits
@@ -90,12 +95,7 @@ def test_legacy_rope_scaling_key_is_read(tmp_path):
 def test_length_dependent_rope_generates_like_transformers(variant, tmp_path):
     """Dynamic NTK recomputes the frequencies from the longest position at every step; longrope
     switches to its long factors once the sequence passes the original context mid-generation."""
-    params = {"rope_theta": 10000.0, **ROPE_VARIANTS[variant]}
-    reference = torch_model(
-        "llama", "causal-lm", max_position_embeddings=16, rope_parameters=params,
-        initializer_range=SHARP,
-    )  # fmt: skip
-    model = load_like(reference, "causal-lm", tmp_path)
+    reference, model = rope_pair(variant, tmp_path)
     inputs = text_inputs("llama", "causal-lm")
     ids, mask = inputs["input_ids"], inputs["attention_mask"]
     with torch.no_grad():
