@@ -95,9 +95,9 @@ def _rename(local: str, names) -> str:
 def parameter_slots(model) -> dict[str, Slot]:
     """Every parameter of a flaxauto model, keyed by its transformers PyTorch name.
 
-    A variable stacked over layers (layers.ScannedLayers) gives one slot per layer, named as
+    A variable stacked over layers (stacks.ScannedLayers) gives one slot per layer, named as
     transformers names that layer (`encoder.layer.3.attention...`)."""
-    from flaxauto.layers import ScannedLayers
+    from flaxauto.stacks import ScannedLayers
 
     family, spec = model.family, model.head_spec
     prefix = "" if model.task == "base" else base_model_prefix(model) + "."

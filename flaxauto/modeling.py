@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from flaxauto import auto, layers
+from flaxauto import layers, registry
 from flaxauto.converters.errors import CheckpointError
 from flaxauto.converters.files import open_tensors, resolve_checkpoint, save_safetensors
 from flaxauto.converters.layout import export_tensors, initial_value, parameter_slots
@@ -58,15 +58,15 @@ class Model(nnx.Module):
         scan_layers: bool = False,
         remat: bool = False,
     ):
-        family, spec = auto.lookup(config.model_type, task)
+        family, spec = registry.lookup(config.model_type, task)
         self.static = _Static(config=config, family=family, head_spec=spec, task=task)
-        backbone_options = auto.resolve_options(spec.backbone_options, config)
+        backbone_options = registry.resolve_options(spec.backbone_options, config)
         backbone_options |= _execution_options(family, scan_layers=scan_layers, remat=remat)
         self.backbone = family.backbone(config, precision, rngs, **backbone_options)
         if spec.head is None:
             self.head = nnx.data(None)
         else:
-            head_options = auto.resolve_options(spec.options, config)
+            head_options = registry.resolve_options(spec.options, config)
             self.head = spec.head(config, precision, rngs, **head_options)
 
     config = property(lambda self: self.static.config)
@@ -91,7 +91,7 @@ class Model(nnx.Module):
 
     def init_cache(self, batch_size: int, max_length: int, dtype=None):
         """An empty KV cache of `max_length` slots (decoder families), for model(..., cache=):
-        see flaxauto.kv_cache."""
+        see flaxauto.decoder."""
         if not hasattr(self.backbone, "init_cache"):
             raise TypeError(f"{self.config.model_type} models take no KV cache")
         return self.backbone.init_cache(batch_size, max_length, dtype)
@@ -124,7 +124,7 @@ class Model(nnx.Module):
         names and layouts. Files are written under temporary names and renamed at the end, so an
         interrupted save leaves an earlier checkpoint in the directory intact."""
         config = self.config
-        architecture = auto.transformers_class_name(config.model_type, self.task)
+        architecture = registry.transformers_class_name(config.model_type, self.task)
         config.architectures = [architecture] if architecture else None
         param_dtypes = {x.dtype for x in jax.tree.leaves(nnx.state(self, nnx.Param))}
         if len(param_dtypes) == 1:
@@ -298,7 +298,7 @@ def from_pretrained(
         token=token,
         local_files_only=local_files_only,
     )
-    auto.lookup(_read_model_type(checkpoint.config_path), task)  # a clear error before any work
+    registry.lookup(_read_model_type(checkpoint.config_path), task)  # a clear error before any work
     config = transformers.AutoConfig.from_pretrained(checkpoint.directory, **config_overrides)
     precision = _precision(dtype, param_dtype)
     model = build_abstract(config, task, precision, seed, scan_layers=scan_layers, remat=remat)
@@ -330,7 +330,7 @@ def from_pretrained(
 
 
 def _report(model: Model, info: LoadingInfo) -> None:
-    name = auto.TASK_AUTO_CLASSES[model.task]
+    name = registry.TASK_AUTO_CLASSES[model.task]
     if info.missing_keys:
         logger.warning(
             "%s (%s): newly initialised, not in the checkpoint (train before use): %s",

@@ -70,10 +70,10 @@ class QuestionAnsweringModelOutput(_TaskOutput):
 
 @struct.dataclass
 class BaseModelOutputWithPast(BaseModelOutput):
-    cache: object = None  # flaxauto.kv_cache.KVCache, when the forward was given one
+    cache: object = None  # flaxauto.decoder.KVCache, when the forward was given one
 
 
 @struct.dataclass
 class CausalLMOutputWithPast(_TaskOutput):
     logits: Array = None  # [B, T, V]
-    cache: object = None  # flaxauto.kv_cache.KVCache, when the forward was given one
+    cache: object = None  # flaxauto.decoder.KVCache, when the forward was given one

@@ -13,7 +13,7 @@ import torch
 import transformers
 
 import flaxauto
-from flaxauto.auto import transformers_class_name
+from flaxauto.registry import transformers_class_name
 
 #: A tiny config per model_type: small enough to run every head in seconds.
 TINY_CONFIGS = {
@@ -225,7 +225,7 @@ class Case:
 
     @functools.cached_property
     def auto_class(self):
-        return getattr(flaxauto, flaxauto.auto.TASK_AUTO_CLASSES[self.task])
+        return getattr(flaxauto, flaxauto.registry.TASK_AUTO_CLASSES[self.task])
 
 
 def make_case(model_type: str, task: str, root: Path) -> Case:

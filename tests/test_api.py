@@ -12,7 +12,7 @@ import transformers
 from flax import nnx
 
 import flaxauto
-from flaxauto import auto
+from flaxauto import registry
 from flaxauto.heads import SequenceClassificationHead
 from flaxauto.models.bert import BertModel
 from references import max_diff, run_torch, text_inputs, tiny_config, torch_model
@@ -42,13 +42,13 @@ AUTO_CLASSES = [
 def test_all_fifteen_auto_classes_are_public(name):
     cls = getattr(flaxauto, name)
     assert callable(cls.from_pretrained) and callable(cls.from_config)
-    assert auto.AUTO_CLASS_TASKS[name] == cls.task
+    assert registry.AUTO_CLASS_TASKS[name] == cls.task
 
 
 @pytest.fixture
 def forget_toy_family():
     yield
-    auto._FAMILIES.pop("toy-bert", None)  # keep the registry (and README table) to built-ins
+    registry._FAMILIES.pop("toy-bert", None)  # keep the registry (and README table) to built-ins
 
 
 def test_register_a_family_from_outside(tmp_path, forget_toy_family):
@@ -112,7 +112,7 @@ def supported_table() -> str:
     rows = [
         f"| {name} | "
         + " | ".join(
-            "✓" if auto.AUTO_CLASS_TASKS[name] in tasks else "" for tasks in served.values()
+            "✓" if registry.AUTO_CLASS_TASKS[name] in tasks else "" for tasks in served.values()
         )
         + " |"
         for name in AUTO_CLASSES

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import flaxauto
-from flaxauto import beam_search
+from flaxauto.generation import beam_search
 from references import text_inputs, torch_model
 
 NEW_TOKENS = 24

@@ -15,7 +15,7 @@ TOLERANCE = 1e-4
 
 def load_like(reference, task, directory):
     reference.save_pretrained(directory)
-    auto_class = getattr(flaxauto, flaxauto.auto.TASK_AUTO_CLASSES[task])
+    auto_class = getattr(flaxauto, flaxauto.registry.TASK_AUTO_CLASSES[task])
     return auto_class.from_pretrained(directory)
 
 

@@ -10,7 +10,7 @@ import torch
 from transformers import GenerationConfig
 
 import flaxauto
-from flaxauto import generation
+from flaxauto.generation import greedy, processors, settings
 from references import text_inputs, torch_model
 
 DECODERS = ("gpt2", "llama", "mistral", "qwen2")
@@ -149,11 +149,11 @@ def test_warpers_keep_what_transformers_keeps():
     )
 
     scores = np.random.default_rng(0).normal(size=(3, 50)).astype(np.float32) * 3
-    plan = generation.Plan(True, 0.7, 5, 0.8, 1.0, (), 0)
+    plan = settings.Plan(True, 0.7, 5, 0.8, 1.0, (), 0)
     expected = torch.as_tensor(scores)
     for warper in (TemperatureLogitsWarper(0.7), TopKLogitsWarper(5), TopPLogitsWarper(0.8)):
         expected = warper(None, expected)
-    ours = np.asarray(generation._warp(plan, jnp.asarray(scores)))
+    ours = np.asarray(processors.warp(plan, jnp.asarray(scores)))
     np.testing.assert_array_equal(np.isinf(ours), np.isinf(expected.numpy()))
     finite = ~np.isinf(ours)
     np.testing.assert_allclose(ours[finite], expected.numpy()[finite], rtol=1e-6)
@@ -164,11 +164,11 @@ def test_other_prompt_lengths_reuse_the_compiled_program(pair):
     model_type, _, model = pair
     ids, mask = prompts(model_type)
     model.generate(ids[:, :6], attention_mask=mask[:, :6], max_new_tokens=5)  # warm: bucket 8
-    compiled = generation._decode._cache_size()
+    compiled = greedy.decode._cache_size()
     for length, new in ((5, 5), (7, 5), (8, 6), (6, 8)):  # prompt bucket 8, cache bucket 16
         out = model.generate(ids[:, :length], attention_mask=mask[:, :length], max_new_tokens=new)
         assert out.shape == (len(ids), length + new)
-    assert generation._decode._cache_size() == compiled
+    assert greedy.decode._cache_size() == compiled
 
 
 def test_generation_config_json_sets_the_defaults(tmp_path):

@@ -10,8 +10,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from flaxauto import layers
-from flaxauto.auto import HeadSpec, register
+from flaxauto import layers, stacks
 from flaxauto.heads import (
     MaskedLMHead,
     MultipleChoiceHead,
@@ -21,6 +20,7 @@ from flaxauto.heads import (
     TokenClassificationHead,
 )
 from flaxauto.outputs import BaseModelOutput
+from flaxauto.registry import HeadSpec, register
 
 Precision = layers.Precision
 
@@ -147,7 +147,7 @@ class BertPooler(nnx.Module):
         return jnp.tanh(self.dense(hidden_states[:, 0]))
 
 
-class BertModel(layers.EncoderBackbone):
+class BertModel(stacks.EncoderBackbone):
     """The BERT backbone: embeddings, encoder, optional pooler."""
 
     embeddings_class = BertEmbeddings
@@ -167,7 +167,7 @@ class BertModel(layers.EncoderBackbone):
         self.embeddings = self.embeddings_class(config, precision, rngs)
         make_layer = lambda _, rngs: BertLayer(config, precision, rngs)  # noqa: E731
         depth = config.num_hidden_layers
-        self.encoder = layers.Encoder(make_layer, depth, rngs, scan=scan_layers, remat=remat)
+        self.encoder = stacks.Encoder(make_layer, depth, rngs, scan=scan_layers, remat=remat)
         if add_pooling_layer:
             self.pooler = BertPooler(config, precision, rngs)
         else:

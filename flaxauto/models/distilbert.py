@@ -11,8 +11,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from flaxauto import layers
-from flaxauto.auto import ConfigAttr, HeadSpec, register
+from flaxauto import layers, stacks
 from flaxauto.heads import (
     MaskedLMHead,
     MultipleChoiceHead,
@@ -21,6 +20,7 @@ from flaxauto.heads import (
     TokenClassificationHead,
 )
 from flaxauto.outputs import BaseModelOutput
+from flaxauto.registry import ConfigAttr, HeadSpec, register
 
 Precision = layers.Precision
 LAYER_NORM_EPS = 1e-12  # hard-coded in transformers' DistilBERT
@@ -93,7 +93,7 @@ class TransformerBlock(nnx.Module):
         return self.output_layer_norm(self.ffn(attended) + attended), probs
 
 
-class DistilBertModel(layers.EncoderBackbone):
+class DistilBertModel(stacks.EncoderBackbone):
     """The DistilBERT backbone: embeddings and transformer; no pooler."""
 
     supports_scan_layers = supports_remat = True
@@ -104,7 +104,7 @@ class DistilBertModel(layers.EncoderBackbone):
         check_config(config)
         self.embeddings = Embeddings(config, precision, rngs)
         make_block = lambda _, rngs: TransformerBlock(config, precision, rngs)  # noqa: E731
-        self.transformer = layers.Encoder(
+        self.transformer = stacks.Encoder(
             make_block, config.n_layers, rngs, scan=scan_layers, remat=remat
         )
 

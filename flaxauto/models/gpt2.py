@@ -12,15 +12,15 @@ import jax.numpy as jnp
 from flax import nnx
 
 from flaxauto import layers
-from flaxauto.auto import HeadSpec, register
+from flaxauto.decoder import DecoderBackbone, DecoderStep, KVCache
 from flaxauto.heads import (
     CausalLMHead,
     QuestionAnsweringHead,
     SequenceClassificationHead,
     TokenClassificationHead,
 )
-from flaxauto.kv_cache import DecoderBackbone, DecoderStep, KVCache
 from flaxauto.outputs import BaseModelOutputWithPast
+from flaxauto.registry import HeadSpec, register
 
 Precision = layers.Precision
 

@@ -14,15 +14,15 @@ from dataclasses import dataclass
 from flax import nnx
 
 from flaxauto import layers, rope
-from flaxauto.auto import HeadSpec, register
+from flaxauto.decoder import DecoderBackbone, DecoderStep, KVCache
 from flaxauto.heads import (
     CausalLMHead,
     QuestionAnsweringHead,
     SequenceClassificationHead,
     TokenClassificationHead,
 )
-from flaxauto.kv_cache import DecoderBackbone, DecoderStep, KVCache
 from flaxauto.outputs import BaseModelOutputWithPast
+from flaxauto.registry import HeadSpec, register
 
 Precision = layers.Precision
 

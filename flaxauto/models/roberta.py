@@ -10,9 +10,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from flaxauto.auto import ConfigAttr, HeadSpec, register
 from flaxauto.heads import MaskedLMHead, MultipleChoiceHead, SequenceClassificationHead
 from flaxauto.models.bert import COMMON_HEADS, NO_POOLER, BertEmbeddings, BertModel
+from flaxauto.registry import ConfigAttr, HeadSpec, register
 
 
 class RobertaEmbeddings(BertEmbeddings):

@@ -25,7 +25,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx, struct
 
-from flaxauto import generation
+from flaxauto.generation.greedy import next_logits, prefill
+from flaxauto.generation.processors import eos_mask, process_scores, prompt_tokens
+from flaxauto.generation.settings import Plan, Prompt
 
 Array = jax.Array
 
@@ -54,13 +56,13 @@ class _Beams:
     is_finished: Array  # [B, N] bool: the slot holds a finished hypothesis
     improvable: Array  # [B] bool: a running beam may still beat a finished one
     all_end: Array  # [] bool: every continuation kept at the last step ended
-    cache: object  # flaxauto.kv_cache.KVCache over B * N rows, row b * N + n: beam n of row b
+    cache: object  # flaxauto.decoder.KVCache over B * N rows, row b * N + n: beam n of row b
     position: Array  # [B * N] position id of the last token fed
     seen: Array | None  # [B * N, V] bool: tokens the repetition penalty applies to
     step: Array  # [] int32: tokens generated so far
 
 
-def beam_settings(config, plan: generation.Plan, cache_length: int) -> BeamSettings:
+def beam_settings(config, plan: Plan, cache_length: int) -> BeamSettings:
     early = config.early_stopping  # transformers validates it: True, False or "never"
     eos = plan.eos_token_ids
     # transformers fills with pad_token_id, or with the first eos where pad is 0 or unset (its
@@ -80,7 +82,7 @@ def beam_settings(config, plan: generation.Plan, cache_length: int) -> BeamSetti
     )
 
 
-def generate(graphdef, state, config, plan: generation.Plan, prompt: generation.Prompt):
+def generate(graphdef, state, config, plan: Plan, prompt: Prompt):
     """-> token ids [B * num_return_sequences, prompt + generated], each row's best first."""
     settings = beam_settings(config, plan, prompt.cache_length)
     tokens, lengths = _search(
@@ -104,7 +106,7 @@ def _search(graphdef, plan, num_beams: int, cache_length: int, state, ids, mask,
     model.eval()
     batch, prompt_bucket = ids.shape
     n = num_beams
-    cache, position, logits = generation.prefill(model, ids, mask, cache_length)
+    cache, position, logits = prefill(model, ids, mask, cache_length)
     every_beam = jnp.repeat(jnp.arange(batch), n)  # [B * N]: the row each beam belongs to
     tokens = jnp.full((batch, n, cache_length), settings.fill_token_id, jnp.int32)
     tokens = tokens.at[:, :, :prompt_bucket].set(
@@ -114,7 +116,7 @@ def _search(graphdef, plan, num_beams: int, cache_length: int, state, ids, mask,
     first_only = jnp.where(jnp.arange(n) == 0, 0.0, EXCLUDED).astype(jnp.float32)
     seen = None
     if plan.repetition_penalty != 1:
-        seen = generation.prompt_tokens(ids, mask, logits.shape[-1])[every_beam]
+        seen = prompt_tokens(ids, mask, logits.shape[-1])[every_beam]
     carry = _Beams(
         running=tokens,
         running_scores=jnp.broadcast_to(first_only[None, :], (batch, n)),
@@ -145,7 +147,7 @@ def _search(graphdef, plan, num_beams: int, cache_length: int, state, ids, mask,
     def step(carry: _Beams) -> _Beams:
         last = jax.lax.dynamic_index_in_dim(carry.running, prompt_bucket + carry.step - 1, 2, False)
         position = carry.position + 1
-        cache, logits = generation.next_logits(model, last.reshape(-1), position, carry.cache)
+        cache, logits = next_logits(model, last.reshape(-1), position, carry.cache)
         return select(carry.replace(cache=cache, position=position), logits)
 
     carry = jax.lax.while_loop(more, step, select(carry, jnp.repeat(logits, n, axis=0)))
@@ -173,7 +175,7 @@ def _select(plan, settings: BeamSettings, carry: _Beams, logits, prompt_bucket, 
 
     # transformers' processors see log-probabilities in beam search
     log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)  # [B * N, V]
-    log_probs = generation.process_scores(plan, log_probs, carry.seen, length, min_length)
+    log_probs = process_scores(plan, log_probs, carry.seen, length, min_length)
     vocab = log_probs.shape[-1]
     totals = log_probs.reshape(batch, n, vocab) + carry.running_scores[:, :, None]
     kept = n * max(2, 1 + len(plan.eos_token_ids))  # K, see the module docstring
@@ -183,7 +185,7 @@ def _select(plan, settings: BeamSettings, carry: _Beams, logits, prompt_bucket, 
     candidates = jax.lax.dynamic_update_slice(
         candidates, token[:, :, None], (0, 0, prompt_bucket + carry.step)
     )
-    ends = generation.eos_mask(plan, vocab)[token] | (length + 1 >= max_length)  # [B, K]
+    ends = eos_mask(plan, vocab)[token] | (length + 1 >= max_length)  # [B, K]
 
     # the N best continuations that did not end run on
     alive = scores + ends.astype(jnp.float32) * EXCLUDED

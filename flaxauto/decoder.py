@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
-from flaxauto import layers
+from flaxauto import layers, stacks
 from flaxauto.outputs import BaseModelOutputWithPast
 
 Array = jax.Array
@@ -185,11 +185,11 @@ class DecoderBackbone(nnx.Module):
     def layer_stack(self, make_layer, num_layers: int, rngs, scan_layers: bool, remat: bool):
         """The layers (`make_layer(index, rngs)`), remembering how they run."""
         self.remat = remat
-        return layers.layer_stack(make_layer, num_layers, rngs, scan=scan_layers)
+        return stacks.layer_stack(make_layer, num_layers, rngs, scan=scan_layers)
 
     @property
     def scanned(self) -> bool:
-        return isinstance(self.stack, layers.ScannedLayers)
+        return isinstance(self.stack, stacks.ScannedLayers)
 
     def init_cache(self, batch_size: int, max_length: int, dtype=None) -> KVCache:
         dtype = dtype or self.compute_dtype
@@ -214,7 +214,7 @@ class DecoderBackbone(nnx.Module):
     def finish(self, hidden, step: DecoderStep, final_norm, flags, **inputs):
         """Run the layers and the final norm -> BaseModelOutputWithPast (with the new cache).
         As in transformers, hidden_states holds each layer's input and then the normed output."""
-        last, all_hidden, all_probs, new_keys_values = layers.run_layers(
+        last, all_hidden, all_probs, new_keys_values = stacks.run_layers(
             self.stack,
             hidden,
             lambda layer, hidden, item: layer(hidden, step, *step.layer_inputs(item), **inputs),

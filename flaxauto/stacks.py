@@ -1,0 +1,148 @@
+"""Layer stacks and encoder backbones: layers stored per index or stacked and scanned, run
+unrolled, with jax.lax.scan, or rematerialised, with the same code.
+"""
+
+from __future__ import annotations
+
+import jax
+from flax import nnx
+
+from flaxauto import layers
+from flaxauto.outputs import BaseModelOutput
+
+
+class ScannedLayers(nnx.Module):
+    """`num_layers` identical layers stored stacked (every parameter [L, ...], logical axis
+    "layers" first) and run with jax.lax.scan: one layer is traced and compiled, whatever the
+    depth. Checkpoints keep transformers' per-layer names (converters.layout unstacks them)."""
+
+    def __init__(self, make_layer, num_layers: int, rngs: nnx.Rngs):
+        @nnx.split_rngs(splits=num_layers)
+        @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+        def create(rngs):
+            return make_layer(0, rngs)
+
+        self.block = create(rngs)
+        self.num_layers = num_layers
+
+
+def layer_stack(make_layer, num_layers: int, rngs: nnx.Rngs, *, scan: bool = False):
+    """`make_layer(index, rngs)` for every layer: an nnx.List (transformers' `layer.0`,
+    `layer.1`, ...) or, with scan, one ScannedLayers, which builds layer 0 for all of them (a
+    family whose layers differ by index refuses scan_layers for that config)."""
+    if scan:
+        return ScannedLayers(make_layer, num_layers, rngs)
+    return nnx.List([make_layer(index, rngs) for index in range(num_layers)])
+
+
+class EncoderBackbone(nnx.Module):
+    """What BERT-like backbones share: `embeddings.word_embeddings` (tied LM heads read it) and
+    the forward from embeddings through the layer stack to the output."""
+
+    def get_input_embeddings(self) -> nnx.Embed:
+        return self.embeddings.word_embeddings
+
+    def encode(self, stack, embeddings, attention_mask, flags: dict, pooler=None):
+        """embeddings [B, T, E] -> BaseModelOutput; flags: output_hidden_states/attentions."""
+        hidden, all_hidden, all_probs = stack(
+            embeddings,
+            layers.padding_bias(attention_mask),
+            flags.get("output_hidden_states", False),
+            flags.get("output_attentions", False),
+        )
+        return BaseModelOutput(
+            last_hidden_state=hidden,
+            pooler_output=None if pooler is None else pooler(hidden),
+            hidden_states=all_hidden,
+            attentions=all_probs,
+        )
+
+
+class Encoder(nnx.Module):
+    """Layers under the attribute `layer` (BERT's `encoder`, DistilBERT's `transformer`)."""
+
+    def __init__(self, make_layer, num_layers: int, rngs, *, scan: bool = False, remat=False):
+        self.layer = layer_stack(make_layer, num_layers, rngs, scan=scan)
+        self.remat = remat
+
+    def __call__(self, hidden_states, bias, output_hidden_states, output_attentions):
+        last, all_hidden, all_probs, _ = run_layers(
+            self.layer,
+            hidden_states,
+            lambda layer, hidden, _: (*layer(hidden, bias), None),
+            output_hidden_states=output_hidden_states,
+            output_attentions=output_attentions,
+            remat=self.remat,
+        )
+        return last, all_hidden, all_probs
+
+
+def run_layers(
+    layer_stack,
+    hidden_states,
+    call,
+    per_layer=None,
+    *,
+    output_hidden_states: bool = False,
+    output_attentions: bool = False,
+    remat: bool = False,
+):
+    """Run `call(layer, hidden, item) -> (hidden, probs, new_item)` over the layers in order.
+
+    `per_layer` is a tuple whose entries are indexed by layer (per-layer tuples for a plain stack,
+    [L, ...] arrays for ScannedLayers), e.g. a KV cache; `item` is layer i's (x[i] for each x),
+    or None. remat recomputes each layer's activations in the backward pass instead of storing
+    them (jax.checkpoint per layer).
+
+    Returns (last hidden state, all hidden states incl. the input or None, all probs or None,
+    the new per_layer in the same form, or None).
+    """
+
+    def step(hidden, layer_state, item, graphdef):
+        # A pure function of the layer's state (jax.lax.scan / jax.checkpoint, not their nnx
+        # wrappers): it composes with plain jax.grad over nnx.split state, not only nnx.grad.
+        layer = nnx.merge(graphdef, layer_state)
+        hidden, probs, new_item = call(layer, hidden, item)
+        kept = (hidden if output_hidden_states else None, probs if output_attentions else None)
+        # in training, dropout advanced its RNG streams: hand them back to the real layer
+        streams = nnx.state(layer, nnx.RngState) if _training(layer) else None
+        return hidden, (kept, new_item, streams)
+
+    if remat:
+        step = jax.checkpoint(step, static_argnums=(3,))
+    if isinstance(layer_stack, ScannedLayers):
+        graphdef, stacked = nnx.split(layer_stack.block)
+        last, ((stacked_hidden, stacked_probs), new_per_layer, new_state) = jax.lax.scan(
+            lambda h, xs: step(h, *xs, graphdef), hidden_states, (stacked, per_layer)
+        )
+        if new_state is not None:
+            nnx.update(layer_stack.block, new_state)
+        all_hidden = None if stacked_hidden is None else [hidden_states, *stacked_hidden]
+        all_probs = None if stacked_probs is None else list(stacked_probs)
+    else:
+        last, all_hidden, all_probs, new_items = hidden_states, [hidden_states], [], []
+        for index, layer in enumerate(layer_stack):
+            graphdef, layer_state = nnx.split(layer)
+            item = None if per_layer is None else tuple(x[index] for x in per_layer)
+            last, ((hidden, probs), new_item, new_state) = step(last, layer_state, item, graphdef)
+            if new_state is not None:
+                nnx.update(layer, new_state)
+            all_hidden.append(hidden)
+            all_probs.append(probs)
+            new_items.append(new_item)
+        no_items = not new_items or new_items[0] is None
+        new_per_layer = None if no_items else tuple(zip(*new_items, strict=True))
+    return (
+        last,
+        tuple(all_hidden) if output_hidden_states else None,
+        tuple(all_probs) if output_attentions else None,
+        new_per_layer,
+    )
+
+
+def _training(module: nnx.Module) -> bool:
+    """Whether any dropout in `module` is active (model.train())."""
+    return any(
+        isinstance(m, nnx.Dropout) and not m.deterministic and m.rate > 0
+        for _, m in nnx.iter_modules(module)
+    )
