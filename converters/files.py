@@ -22,6 +22,7 @@ import numpy as np
 import safetensors
 import safetensors.numpy
 
+from flaxauto.converters.buffers import ALIGNMENT, aligned_empty, read_into
 from flaxauto.converters.errors import CheckpointError
 
 SAFE_WEIGHTS = "model.safetensors"
@@ -215,38 +216,13 @@ def _safetensors_offsets(file) -> dict[str, tuple[int, int]]:
     }
 
 
-def read_into(file, offset: int, array: np.ndarray, path) -> None:
-    """Fill `array` (C-ordered) with the file's bytes from `offset`: straight into its memory."""
-    view = memoryview(array.reshape(-1).view(np.uint8))
-    file.seek(offset)
-    done = 0
-    while done < len(view):
-        got = file.readinto(view[done:])
-        if not got:
-            raise CheckpointError(f"{path}: ends inside a tensor; the file is truncated")
-        done += got
-
-
-# XLA's CPU client adopts a host buffer aligned to this many bytes instead of copying it.
-_ALIGNMENT = 64
-
-
-def aligned_empty(shape: tuple[int, ...], dtype) -> np.ndarray:
-    """An uninitialised C-ordered array whose data starts on a 64-byte boundary."""
-    dtype = np.dtype(dtype)
-    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-    raw = np.empty(nbytes + _ALIGNMENT, np.uint8)
-    start = -raw.ctypes.data % _ALIGNMENT
-    return raw[start : start + nbytes].view(dtype).reshape(shape)
-
-
 def arrange(array: np.ndarray, axes: tuple[int, ...], dtype) -> np.ndarray:
     """`array.transpose(axes).astype(dtype)` as a C-ordered, 64-byte aligned array, copying at
     most once (not at all when `array` already is that): jax.device_put on CPU then takes the
     buffer as it is, so a tensor is copied once between the file and the device array."""
     moved = np.transpose(array, axes)
     dtype = np.dtype(dtype)
-    aligned = moved.ctypes.data % _ALIGNMENT == 0
+    aligned = moved.ctypes.data % ALIGNMENT == 0
     if moved.dtype == dtype and moved.flags.c_contiguous and aligned:
         return moved
     out = aligned_empty(moved.shape, dtype)
