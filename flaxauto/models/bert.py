@@ -174,13 +174,19 @@ class BertModel(stacks.EncoderBackbone):
             self.pooler = nnx.data(None)
 
     def __call__(
-        self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
-        inputs_embeds=None, **flags
-    ) -> BaseModelOutput:  # fmt: skip
-        """input_ids, token_type_ids, position_ids: [B, T]; attention_mask: [B, T], 1 = token,
-        0 = padding; inputs_embeds: [B, T, E]; flags: output_hidden_states, output_attentions."""
+        self,
+        *,
+        input_ids=None,  # [B, T]
+        attention_mask=None,  # [B, T], 1 = token, 0 = padding
+        token_type_ids=None,  # [B, T]
+        position_ids=None,  # [B or 1, T]
+        inputs_embeds=None,  # [B, T, E]
+        output_hidden_states: bool = False,
+        output_attentions: bool = False,
+    ) -> BaseModelOutput:
         layers.exactly_one(input_ids, inputs_embeds)
         embeddings = self.embeddings(input_ids, token_type_ids, position_ids, inputs_embeds)
+        flags = dict(output_hidden_states=output_hidden_states, output_attentions=output_attentions)
         return self.encode(self.encoder, embeddings, attention_mask, flags, self.pooler)
 
 

@@ -131,13 +131,15 @@ class GPT2Model(DecoderBackbone):
 
     def __call__(
         self,
+        *,
         input_ids=None,  # [B, T]
         attention_mask=None,  # [B, T], 1 = token, 0 = padding (with a cache: the new tokens)
         token_type_ids=None,  # [B, T], embedded with wte as transformers does
         position_ids=None,  # [B or 1, T]
         inputs_embeds=None,  # [B, T, E]
         cache: KVCache | None = None,
-        **flags,  # output_hidden_states, output_attentions
+        output_hidden_states: bool = False,
+        output_attentions: bool = False,
     ) -> BaseModelOutputWithPast:
         embeds, step, position_ids = self.begin(
             self.wte, input_ids, inputs_embeds, attention_mask, position_ids, cache, (None,)
@@ -145,6 +147,7 @@ class GPT2Model(DecoderBackbone):
         hidden = embeds + self.wpe(position_ids)
         if token_type_ids is not None:
             hidden = hidden + self.wte(token_type_ids)
+        flags = dict(output_hidden_states=output_hidden_states, output_attentions=output_attentions)
         return self.finish(self.drop(hidden), step, self.ln_f, flags)
 
 

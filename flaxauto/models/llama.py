@@ -176,18 +176,21 @@ class LlamaModel(DecoderBackbone):
 
     def __call__(
         self,
+        *,
         input_ids=None,  # [B, T]
         attention_mask=None,  # [B, T], 1 = token, 0 = padding (with a cache: the new tokens)
         position_ids=None,  # [B or 1, T]
         inputs_embeds=None,  # [B, T, E]
         cache: KVCache | None = None,
-        **flags,  # output_hidden_states, output_attentions
+        output_hidden_states: bool = False,
+        output_attentions: bool = False,
     ) -> BaseModelOutputWithPast:
         embeds, step, position_ids = self.begin(
             self.embed_tokens, input_ids, inputs_embeds, attention_mask, position_ids, cache,
             self.windows,
         )  # fmt: skip
         cos, sin = rope.cos_sin(self.rope, position_ids, embeds.dtype)  # [B or 1, T, D]
+        flags = dict(output_hidden_states=output_hidden_states, output_attentions=output_attentions)
         return self.finish(embeds, step, self.norm, flags, cos=cos, sin=sin)
 
 

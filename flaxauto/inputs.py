@@ -1,0 +1,196 @@
+"""Declared inputs: which keywords a model accepts, and what becomes of each one.
+
+A backbone declares its inputs in its `__call__` signature: keyword-only parameters, no
+`**kwargs`. A parameter whose default is a bool is a static flag (`output_hidden_states`); every
+other one is data (arrays, or pytrees such as a KV cache or `encoder_outputs`). A head declares
+its `label_names`, any further `input_names` it reads, and the flags it needs from the backbone.
+
+`sort_inputs` runs in Python each time a model is called or traced under jit: array-like data is
+converted with jnp.asarray, pytrees and flags pass through untouched, a keyword nobody declared
+raises TypeError naming it, and a transformers keyword flaxauto does not implement raises
+NotImplementedError naming it.
+"""
+
+from __future__ import annotations
+
+import difflib
+import functools
+import inspect
+import numbers
+from dataclasses import dataclass
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+#: Flags that default to the config's value when not passed (or passed as None), as in
+#: transformers.
+CONFIG_DEFAULT_FLAGS = ("output_hidden_states", "output_attentions")
+
+#: transformers keywords flaxauto does not implement -> what to do instead.
+NOT_IMPLEMENTED = {
+    "head_mask": "masking attention heads is not implemented",
+    "decoder_head_mask": "masking attention heads is not implemented",
+    "cross_attn_head_mask": "masking attention heads is not implemented",
+    "past_key_values": "flaxauto's KV cache is `cache=`: cache=model.init_cache(batch, max_length)",
+    "cache_position": "new tokens go to slot cache.length; pass position_ids for their positions",
+    "logits_to_keep": "slice the returned logits instead",
+    "num_logits_to_keep": "slice the returned logits instead",
+    "encoder_hidden_states": "cross-attention is not implemented for this model",
+    "encoder_attention_mask": "cross-attention is not implemented for this model",
+}
+
+#: Keywords of the old Flax models (transformers < 5) -> the flaxauto way.
+OLD_FLAX_KEYWORDS = {
+    "train": "model.train() turns dropout on, model.eval() off",
+    "deterministic": "model.train() turns dropout on, model.eval() off",
+    "dropout_rng": "dropout draws from the model's own RNG streams (seeded by from_pretrained's "
+    "seed=)",
+    "params": "a model carries its parameters; for a pure function use nnx.split / nnx.merge",
+}
+
+
+@dataclass(frozen=True)
+class BackboneInputs:
+    """What a backbone class declares: its data inputs and its static flags with defaults."""
+
+    data: frozenset[str]
+    flags: dict[str, bool]
+
+
+@functools.cache
+def backbone_inputs(backbone_class: type) -> BackboneInputs:
+    """Read once per class from `__call__`'s signature."""
+    signature = inspect.signature(backbone_class.__call__)
+    data, flags = set(), {}
+    for name, parameter in list(signature.parameters.items())[1:]:  # past self
+        if parameter.kind is inspect.Parameter.VAR_KEYWORD:
+            raise TypeError(
+                f"{backbone_class.__name__}.__call__ takes **{name}: a backbone declares every "
+                "input and flag as a keyword-only parameter"
+            )
+        if parameter.kind is not inspect.Parameter.KEYWORD_ONLY:
+            raise TypeError(
+                f"{backbone_class.__name__}.__call__: {name!r} must be keyword-only (after `*`)"
+            )
+        if isinstance(parameter.default, bool):
+            flags[name] = parameter.default
+        else:
+            data.add(name)
+    return BackboneInputs(frozenset(data), flags)
+
+
+@dataclass
+class SortedInputs:
+    """One call's keywords, sorted: `data` for the backbone (before the head's prepare_inputs),
+    `flags` for the backbone, `labels` and `head_inputs` for the head only."""
+
+    data: dict[str, Any]
+    flags: dict[str, bool]
+    labels: dict[str, Any]
+    head_inputs: dict[str, Any]
+
+
+def sort_inputs(kwargs: dict[str, Any], backbone, head, config) -> SortedInputs:
+    declared = backbone_inputs(type(backbone))
+    label_names = tuple(head.label_names) if head is not None else ()
+    head_names = tuple(getattr(head, "input_names", ())) if head is not None else ()
+    kwargs = _drop_harmless(dict(kwargs), declared, type(backbone).__name__)
+    accepted = declared.data | set(declared.flags) | set(label_names) | set(head_names)
+    _refuse_unknown(kwargs, accepted, type(backbone).__name__, head)
+
+    flags = {}
+    for name, default in declared.flags.items():
+        if name in CONFIG_DEFAULT_FLAGS and isinstance(getattr(config, name, None), bool):
+            default = getattr(config, name)
+        flags[name] = static_flag(name, kwargs.pop(name, None), default)
+    if head is not None:
+        needed = head.backbone_flags()
+        unknown = set(needed) - set(declared.flags)
+        if unknown:
+            raise TypeError(
+                f"{type(head).__name__} needs flag(s) {sorted(unknown)} that "
+                f"{type(backbone).__name__} does not take"
+            )
+        flags.update(needed)
+    labels = {k: to_array(kwargs.pop(k)) for k in label_names if k in kwargs}
+    head_inputs = {
+        k: to_array(kwargs.pop(k)) for k in head_names if k in kwargs and k not in declared.data
+    }
+    data = {k: to_array(v) for k, v in kwargs.items()}
+    return SortedInputs(data=data, flags=flags, labels=labels, head_inputs=head_inputs)
+
+
+def _drop_harmless(kwargs: dict, declared: BackboneInputs, owner: str) -> dict:
+    """transformers keywords whose values flaxauto already honours are dropped; other values of
+    them are refused, naming them."""
+    if "return_dict" not in declared.data and kwargs.pop("return_dict", None) not in (None, True):
+        raise NotImplementedError(
+            "return_dict=False is not implemented: flaxauto returns output dataclasses; "
+            "read fields by name (out.logits or out['logits'])"
+        )
+    if "use_cache" not in declared.data and "use_cache" in kwargs:
+        use_cache = kwargs.pop("use_cache")
+        # with a cache given, the output carries the new one; an encoder has none: ignored
+        if use_cache and "cache" in declared.data and kwargs.get("cache") is None:
+            raise NotImplementedError(
+                f"use_cache=True is not implemented for {owner}: pass "
+                "cache=model.init_cache(batch, max_length); the output carries the new cache"
+            )
+    return kwargs
+
+
+def _refuse_unknown(kwargs: dict, accepted: set[str], owner: str, head) -> None:
+    unknown = sorted(set(kwargs) - accepted)
+    if not unknown:
+        return
+    not_implemented = [k for k in unknown if k in NOT_IMPLEMENTED]
+    if not_implemented:
+        raise NotImplementedError(
+            "; ".join(f"{k}= is not implemented ({NOT_IMPLEMENTED[k]})" for k in not_implemented)
+        )
+    takers = owner + ("" if head is None else f" and {type(head).__name__}")
+    reasons = []
+    for name in unknown:
+        hint = OLD_FLAX_KEYWORDS.get(name)
+        if hint is None:
+            close = difflib.get_close_matches(name, sorted(accepted), n=1)
+            hint = f"did you mean {close[0]!r}?" if close else None
+        reasons.append(f"{name!r}" + (f" ({hint})" if hint else ""))
+    raise TypeError(
+        f"unexpected keyword argument(s) {', '.join(reasons)}: neither {takers} accepts "
+        f"{'it' if len(unknown) == 1 else 'them'}. Accepted: {', '.join(sorted(accepted))}"
+    )
+
+
+def static_flag(name: str, value, default: bool) -> bool:
+    """A flag picks which program runs, so it must be a Python bool, not an array."""
+    if value is None:
+        return default
+    if isinstance(value, bool | np.bool_):
+        return bool(value)
+    raise TypeError(
+        f"{name} is a static flag: pass True or False, not {type(value).__name__} (under jit, "
+        "close over it rather than passing it as a traced argument)"
+    )
+
+
+def to_array(value):
+    """Arrays and nested lists of numbers become jax arrays; None, bools and pytrees (a list of
+    dicts, a dataclass such as a cache or encoder outputs) are returned untouched."""
+    if isinstance(value, jax.Array | np.ndarray | np.generic):
+        return jnp.asarray(value)
+    if _is_number(value) or (isinstance(value, list | tuple) and _numbers_only(value)):
+        return jnp.asarray(value)
+    return value
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, numbers.Number) and not isinstance(value, bool)
+
+
+def _numbers_only(value) -> bool:
+    if isinstance(value, list | tuple):
+        return len(value) > 0 and all(_numbers_only(item) for item in value)
+    return _is_number(value) or isinstance(value, np.generic)
