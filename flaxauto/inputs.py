@@ -24,8 +24,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-#: Flags that default to the config's value when not passed (or passed as None), as in
-#: transformers.
+#: Flags that default to the config's value when not passed, as in transformers 5 (where a flag
+#: passed as None is off, like its default).
 CONFIG_DEFAULT_FLAGS = ("output_hidden_states", "output_attentions")
 
 #: transformers keywords flaxauto does not implement -> what to do instead.
@@ -102,9 +102,10 @@ def sort_inputs(kwargs: dict[str, Any], backbone, head, config) -> SortedInputs:
 
     flags = {}
     for name, default in declared.flags.items():
-        if name in CONFIG_DEFAULT_FLAGS and isinstance(getattr(config, name, None), bool):
-            default = getattr(config, name)
-        flags[name] = static_flag(name, kwargs.pop(name, None), default)
+        if name not in kwargs and name in CONFIG_DEFAULT_FLAGS:
+            flags[name] = bool(getattr(config, name, default))
+        else:
+            flags[name] = static_flag(name, kwargs.pop(name, None), default)
     if head is not None:
         needed = head.backbone_flags()
         unknown = set(needed) - set(declared.flags)
@@ -170,6 +171,11 @@ def static_flag(name: str, value, default: bool) -> bool:
         return default
     if isinstance(value, bool | np.bool_):
         return bool(value)
+    if isinstance(value, int | list | tuple):  # transformers 5 selects hidden states by index
+        raise NotImplementedError(
+            f"{name}={value!r}: selecting by index is not implemented; pass True and index the "
+            "returned tuple"
+        )
     raise TypeError(
         f"{name} is a static flag: pass True or False, not {type(value).__name__} (under jit, "
         "close over it rather than passing it as a traced argument)"
@@ -178,7 +184,8 @@ def static_flag(name: str, value, default: bool) -> bool:
 
 def to_array(value):
     """Arrays and nested lists of numbers become jax arrays; None, bools and pytrees (a list of
-    dicts, a dataclass such as a cache or encoder outputs) are returned untouched."""
+    dicts, a dataclass such as a cache or encoder outputs) are returned untouched. (Under jit a
+    list of numbers arrives as a list of scalar tracers: converted too.)"""
     if isinstance(value, jax.Array | np.ndarray | np.generic):
         return jnp.asarray(value)
     if _is_number(value) or (isinstance(value, list | tuple) and _numbers_only(value)):
@@ -193,4 +200,58 @@ def _is_number(value) -> bool:
 def _numbers_only(value) -> bool:
     if isinstance(value, list | tuple):
         return len(value) > 0 and all(_numbers_only(item) for item in value)
-    return _is_number(value) or isinstance(value, np.generic)
+    scalar_array = isinstance(value, jax.Array | np.ndarray) and value.ndim == 0
+    return _is_number(value) or isinstance(value, np.generic) or scalar_array
+
+
+# --- from_pretrained keywords -------------------------------------------------------------------
+
+#: transformers from_pretrained keywords that are not config overrides: value(s) flaxauto already
+#: honours (accepted and dropped), and what to do instead of any other value.
+LOADING_KEYWORDS: dict[str, tuple[tuple, str]] = {
+    "torch_dtype": ((None,), "use dtype= (compute) and param_dtype= (storage)"),
+    "device_map": ((None,), "place parameters with mesh= and rules="),
+    "max_memory": ((None,), "place parameters with mesh= and rules="),
+    "tp_plan": ((None,), "use mesh= and rules='tensor'"),
+    "offload_folder": ((None,), "flaxauto does not offload parameters"),
+    "offload_state_dict": ((None, False), "flaxauto does not offload parameters"),
+    "low_cpu_mem_usage": ((None, True, False), ""),  # flaxauto always streams tensor by tensor
+    "quantization_config": ((None,), "quantized checkpoints are not implemented"),
+    "gguf_file": ((None,), "GGUF files are not implemented"),
+    "from_tf": ((None, False), "TensorFlow checkpoints are not implemented"),
+    "from_flax": ((None, False), "Flax msgpack checkpoints are not implemented"),
+    "state_dict": ((None,), "save the tensors with save_pretrained and load that folder"),
+    "use_safetensors": ((None,), "flaxauto reads model.safetensors, else pytorch_model.bin"),
+    "key_mapping": ((None,), "register the family with renames="),
+    "trust_remote_code": ((None, False), "flaxauto runs no code from a checkpoint"),
+    "code_revision": ((None,), "flaxauto runs no code from a checkpoint"),
+    "force_download": ((None, False), "delete the files from the Hugging Face cache"),
+    "resume_download": ((None, True, False), ""),  # deprecated in huggingface_hub: no effect
+    "proxies": ((None,), "set HTTPS_PROXY for huggingface_hub"),
+    # eager and sdpa give the same numbers as flaxauto's attention
+    "attn_implementation": ((None, "eager", "sdpa"), "flaxauto has its own attention"),
+}
+
+
+def refuse_loading_keywords(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Drop the transformers loading keywords whose values flaxauto honours; raise
+    NotImplementedError naming any other. Returns the rest (config overrides, to be checked)."""
+    rest = {}
+    for name, value in kwargs.items():
+        if name not in LOADING_KEYWORDS:
+            rest[name] = value
+            continue
+        accepted, instead = LOADING_KEYWORDS[name]
+        if not any(value is a or (isinstance(a, str) and value == a) for a in accepted):
+            raise NotImplementedError(f"{name}={value!r} is not implemented: {instead}")
+    return rest
+
+
+def refuse_unused_config_keywords(unused: dict[str, Any], config) -> None:
+    """What transformers' config did not take is no option of from_pretrained either."""
+    if unused:
+        names = sorted(unused)
+        raise TypeError(
+            f"from_pretrained got unexpected keyword argument(s) {', '.join(map(repr, names))}: "
+            f"neither a flaxauto option nor an attribute of {type(config).__name__}"
+        )

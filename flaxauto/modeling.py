@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from flaxauto import inputs, layers, registry
+from flaxauto import config_checks, inputs, layers, registry
 from flaxauto.converters.errors import CheckpointError
 from flaxauto.converters.files import open_tensors, resolve_checkpoint, save_safetensors
 from flaxauto.converters.layout import export_tensors, initial_value, parameter_slots
@@ -59,6 +59,9 @@ class Model(nnx.Module):
         remat: bool = False,
     ):
         family, spec = registry.lookup(config.model_type, task)
+        config_checks.check_config_attributes(
+            config, family.config_attributes, f"model_type {config.model_type!r}"
+        )
         self.static = _Static(config=config, family=family, head_spec=spec, task=task)
         backbone_options = registry.resolve_options(spec.backbone_options, config)
         backbone_options |= _execution_options(family, scan_layers=scan_layers, remat=remat)
@@ -290,19 +293,27 @@ def from_pretrained(
     cache_dir: str | os.PathLike | None = None,
     token: str | None = None,
     local_files_only: bool | None = None,
+    subfolder: str | None = None,
+    variant: str | None = None,
     **config_overrides,
 ):
     import transformers
 
+    config_overrides = inputs.refuse_loading_keywords(config_overrides)
     checkpoint = resolve_checkpoint(
         name_or_path,
         revision=revision,
         cache_dir=cache_dir,
         token=token,
         local_files_only=local_files_only,
+        subfolder=subfolder,
+        variant=variant,
     )
     registry.lookup(_read_model_type(checkpoint.config_path), task)  # a clear error before any work
-    config = transformers.AutoConfig.from_pretrained(checkpoint.directory, **config_overrides)
+    config, unused = transformers.AutoConfig.from_pretrained(
+        checkpoint.directory, return_unused_kwargs=True, **config_overrides
+    )
+    inputs.refuse_unused_config_keywords(unused, config)
     precision = _precision(dtype, param_dtype)
     model = build_abstract(config, task, precision, seed, scan_layers=scan_layers, remat=remat)
     if mesh is not None:

@@ -192,6 +192,16 @@ class BertModel(stacks.EncoderBackbone):
 
 NO_POOLER = {"add_pooling_layer": False}
 
+#: What BERT and RoBERTa read from the config (flaxauto.config_checks refuses the rest).
+CONFIG_ATTRIBUTES = (
+    "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+    "hidden_act", "hidden_dropout_prob", "attention_probs_dropout_prob", "max_position_embeddings",
+    "type_vocab_size", "layer_norm_eps", "pad_token_id", "classifier_dropout",
+    "tie_word_embeddings",
+    # only the values check_config accepts
+    "position_embedding_type", "is_decoder", "add_cross_attention",
+)  # fmt: skip
+
 #: Heads BERT shares with RoBERTa as they are.
 COMMON_HEADS = {
     "base": HeadSpec(None),
@@ -204,6 +214,7 @@ register(
     backbone=BertModel,
     base_model_prefix="bert",
     optional_modules=("pooler",),
+    config_attributes=CONFIG_ATTRIBUTES,
     heads={
         **COMMON_HEADS,
         "sequence-classification": HeadSpec(

@@ -132,10 +132,18 @@ POOLED = {
 }
 POOLED_NAMES = {"classifier.dense": "pre_classifier", "classifier.out": "classifier"}
 
+#: What DistilBERT reads from the config (flaxauto.config_checks refuses the rest).
+CONFIG_ATTRIBUTES = (
+    "vocab_size", "max_position_embeddings", "sinusoidal_pos_embds", "n_layers", "n_heads", "dim",
+    "hidden_dim", "dropout", "attention_dropout", "activation", "qa_dropout",
+    "seq_classif_dropout", "pad_token_id", "tie_word_embeddings",
+)  # fmt: skip
+
 register(
     model_types=("distilbert",),
     backbone=DistilBertModel,
     base_model_prefix="distilbert",
+    config_attributes=CONFIG_ATTRIBUTES,
     heads={
         "base": HeadSpec(None),
         "sequence-classification": HeadSpec(

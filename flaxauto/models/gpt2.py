@@ -151,6 +151,23 @@ class GPT2Model(DecoderBackbone):
         return self.finish(self.drop(hidden), step, self.ln_f, flags)
 
 
+#: What GPT-2 reads from the config (flaxauto.config_checks refuses the rest).
+CONFIG_ATTRIBUTES = (
+    "vocab_size", "n_positions", "n_embd", "n_layer", "n_head", "n_inner", "activation_function",
+    "resid_pdrop", "embd_pdrop", "attn_pdrop", "layer_norm_epsilon", "scale_attn_weights",
+    "scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn", "pad_token_id",
+    "tie_word_embeddings",
+    # only the values check_config accepts
+    "add_cross_attention",
+    # GPT2ForTokenClassification's dropout, when present
+    "classifier_dropout", "hidden_dropout",
+    # read only by GPT2DoubleHeadsModel, which flaxauto does not serve
+    "summary_type", "summary_use_proj", "summary_activation", "summary_proj_to_labels",
+    "summary_first_dropout", "summary_last_dropout",
+    # old configs' name for n_positions; transformers reads it nowhere
+    "n_ctx",
+)  # fmt: skip
+
 #: transformers fixes GPT-2's span head at 2 outputs, whatever num_labels says
 QA = HeadSpec(QuestionAnsweringHead, options={"num_outputs": 2})
 
@@ -158,6 +175,7 @@ register(
     model_types=("gpt2",),
     backbone=GPT2Model,
     base_model_prefix="transformer",
+    config_attributes=CONFIG_ATTRIBUTES,
     heads={
         "base": HeadSpec(None),
         "causal-lm": HeadSpec(CausalLMHead),
