@@ -93,6 +93,9 @@ class SortedInputs:
 
 
 def sort_inputs(kwargs: dict[str, Any], backbone, head, config) -> SortedInputs:
+    """Check one call's keywords against what the backbone and head declare and sort them.
+    Flags: the caller's, else the config's (output_*), else the backbone's default; then what
+    the head needs overrides them."""
     declared = backbone_inputs(type(backbone))
     label_names = tuple(head.label_names) if head is not None else ()
     head_names = tuple(getattr(head, "input_names", ())) if head is not None else ()
