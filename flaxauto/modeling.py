@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from flaxauto import layers, registry
+from flaxauto import config_checks, inputs, layers, registry
 from flaxauto.converters.errors import CheckpointError
 from flaxauto.converters.files import open_tensors, resolve_checkpoint, save_safetensors
 from flaxauto.converters.layout import export_tensors, initial_value, parameter_slots
@@ -59,6 +59,9 @@ class Model(nnx.Module):
         remat: bool = False,
     ):
         family, spec = registry.lookup(config.model_type, task)
+        config_checks.check_config_attributes(
+            config, family.config_attributes, f"model_type {config.model_type!r}"
+        )
         self.static = _Static(config=config, family=family, head_spec=spec, task=task)
         backbone_options = registry.resolve_options(spec.backbone_options, config)
         backbone_options |= _execution_options(family, scan_layers=scan_layers, remat=remat)
@@ -74,20 +77,23 @@ class Model(nnx.Module):
     head_spec = property(lambda self: self.static.head_spec)
     task = property(lambda self: self.static.task)
 
-    def __call__(self, *args, **inputs):
+    def __call__(self, *args, **kwargs):
+        """Keywords are the backbone's declared inputs and flags and the head's labels (see
+        flaxauto.inputs); the main input (input_ids, pixel_values, ...) may come first by
+        position."""
         if len(args) > 1:
             raise TypeError("pass inputs by name, e.g. model(input_ids, attention_mask=mask)")
         if args:
-            inputs[self.family.main_input_name] = args[0]
-        # flags and the KV cache (a pytree, not an array) go to the backbone as they are
-        passed = ("output_hidden_states", "output_attentions", "cache")
-        flags = {k: inputs.pop(k) for k in passed if k in inputs}
-        inputs = {k: None if v is None else jnp.asarray(v) for k, v in inputs.items()}
+            main = self.family.main_input_name
+            if main in kwargs:
+                raise TypeError(f"got {main} both by position and by name")
+            kwargs[main] = args[0]
+        call = inputs.sort_inputs(kwargs, self.backbone, self.head, self.config)
         if self.head is None:
-            return self.backbone(**inputs, **flags)
-        labels = {k: inputs.pop(k) for k in self.head.label_names if k in inputs}
-        features = self.backbone(**self.head.prepare_inputs(inputs), **flags)
-        return self.head(features, backbone=self.backbone, inputs=inputs, **labels)
+            return self.backbone(**call.data, **call.flags)
+        features = self.backbone(**self.head.prepare_inputs(call.data, call.labels), **call.flags)
+        head_inputs = call.data | call.head_inputs
+        return self.head(features, backbone=self.backbone, inputs=head_inputs, **call.labels)
 
     def init_cache(self, batch_size: int, max_length: int, dtype=None):
         """An empty KV cache of `max_length` slots (decoder families), for model(..., cache=):
@@ -287,19 +293,27 @@ def from_pretrained(
     cache_dir: str | os.PathLike | None = None,
     token: str | None = None,
     local_files_only: bool | None = None,
+    subfolder: str | None = None,
+    variant: str | None = None,
     **config_overrides,
 ):
     import transformers
 
+    config_overrides = inputs.refuse_loading_keywords(config_overrides)
     checkpoint = resolve_checkpoint(
         name_or_path,
         revision=revision,
         cache_dir=cache_dir,
         token=token,
         local_files_only=local_files_only,
+        subfolder=subfolder,
+        variant=variant,
     )
     registry.lookup(_read_model_type(checkpoint.config_path), task)  # a clear error before any work
-    config = transformers.AutoConfig.from_pretrained(checkpoint.directory, **config_overrides)
+    config, unused = transformers.AutoConfig.from_pretrained(
+        checkpoint.directory, return_unused_kwargs=True, **config_overrides
+    )
+    inputs.refuse_unused_config_keywords(unused, config)
     precision = _precision(dtype, param_dtype)
     model = build_abstract(config, task, precision, seed, scan_layers=scan_layers, remat=remat)
     if mesh is not None:

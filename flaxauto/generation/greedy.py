@@ -68,7 +68,7 @@ def prefill(model, ids, mask, cache_length: int):
     # transformers' positions for a padded prompt: count real tokens; padding gets 0
     positions = jnp.where(mask == 0, 0, jnp.cumsum(mask, axis=-1) - 1)  # [B, P]
     cache = backbone.init_cache(ids.shape[0], cache_length)
-    out = backbone(ids, attention_mask=mask, position_ids=positions, cache=cache)
+    out = backbone(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache)
     logits = model.head.decode_logits(out.last_hidden_state[:, -1], backbone)  # last only
     return out.cache, positions[:, -1], logits
 
@@ -77,7 +77,7 @@ def next_logits(model, token, position, cache):
     """Feed one token per row (token, position [R]). Returns the cache and the logits [R, V]."""
     backbone = model.backbone
     out = backbone(
-        token[:, None],  # [R, 1]
+        input_ids=token[:, None],  # [R, 1]
         attention_mask=jnp.ones((token.shape[0], 1), jnp.int32),
         position_ids=position[:, None],
         cache=cache,

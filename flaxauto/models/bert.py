@@ -174,17 +174,33 @@ class BertModel(stacks.EncoderBackbone):
             self.pooler = nnx.data(None)
 
     def __call__(
-        self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
-        inputs_embeds=None, **flags
-    ) -> BaseModelOutput:  # fmt: skip
-        """input_ids, token_type_ids, position_ids: [B, T]; attention_mask: [B, T], 1 = token,
-        0 = padding; inputs_embeds: [B, T, E]; flags: output_hidden_states, output_attentions."""
+        self,
+        *,
+        input_ids=None,  # [B, T]
+        attention_mask=None,  # [B, T], 1 = token, 0 = padding
+        token_type_ids=None,  # [B, T]
+        position_ids=None,  # [B or 1, T]
+        inputs_embeds=None,  # [B, T, E]
+        output_hidden_states: bool = False,
+        output_attentions: bool = False,
+    ) -> BaseModelOutput:
         layers.exactly_one(input_ids, inputs_embeds)
         embeddings = self.embeddings(input_ids, token_type_ids, position_ids, inputs_embeds)
+        flags = dict(output_hidden_states=output_hidden_states, output_attentions=output_attentions)
         return self.encode(self.encoder, embeddings, attention_mask, flags, self.pooler)
 
 
 NO_POOLER = {"add_pooling_layer": False}
+
+#: What BERT and RoBERTa read from the config (flaxauto.config_checks refuses the rest).
+CONFIG_ATTRIBUTES = (
+    "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+    "hidden_act", "hidden_dropout_prob", "attention_probs_dropout_prob", "max_position_embeddings",
+    "type_vocab_size", "layer_norm_eps", "pad_token_id", "classifier_dropout",
+    "tie_word_embeddings",
+    # only the values check_config accepts
+    "position_embedding_type", "is_decoder", "add_cross_attention",
+)  # fmt: skip
 
 #: Heads BERT shares with RoBERTa as they are.
 COMMON_HEADS = {
@@ -198,6 +214,7 @@ register(
     backbone=BertModel,
     base_model_prefix="bert",
     optional_modules=("pooler",),
+    config_attributes=CONFIG_ATTRIBUTES,
     heads={
         **COMMON_HEADS,
         "sequence-classification": HeadSpec(

@@ -109,12 +109,18 @@ class DistilBertModel(stacks.EncoderBackbone):
         )
 
     def __call__(
-        self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None, **flags
+        self,
+        *,
+        input_ids=None,  # [B, T]
+        attention_mask=None,  # [B, T], 1 = token, 0 = padding
+        position_ids=None,  # [B or 1, T]
+        inputs_embeds=None,  # [B, T, E]
+        output_hidden_states: bool = False,
+        output_attentions: bool = False,
     ) -> BaseModelOutput:
-        """input_ids, position_ids: [B, T]; attention_mask: [B, T], 1 = token, 0 = padding;
-        inputs_embeds: [B, T, E]; flags: output_hidden_states, output_attentions."""
         layers.exactly_one(input_ids, inputs_embeds)
         embeddings = self.embeddings(input_ids, position_ids, inputs_embeds)
+        flags = dict(output_hidden_states=output_hidden_states, output_attentions=output_attentions)
         return self.encode(self.transformer, embeddings, attention_mask, flags)
 
 
@@ -126,10 +132,18 @@ POOLED = {
 }
 POOLED_NAMES = {"classifier.dense": "pre_classifier", "classifier.out": "classifier"}
 
+#: What DistilBERT reads from the config (flaxauto.config_checks refuses the rest).
+CONFIG_ATTRIBUTES = (
+    "vocab_size", "max_position_embeddings", "sinusoidal_pos_embds", "n_layers", "n_heads", "dim",
+    "hidden_dim", "dropout", "attention_dropout", "activation", "qa_dropout",
+    "seq_classif_dropout", "pad_token_id", "tie_word_embeddings",
+)  # fmt: skip
+
 register(
     model_types=("distilbert",),
     backbone=DistilBertModel,
     base_model_prefix="distilbert",
+    config_attributes=CONFIG_ATTRIBUTES,
     heads={
         "base": HeadSpec(None),
         "sequence-classification": HeadSpec(

@@ -176,18 +176,21 @@ class LlamaModel(DecoderBackbone):
 
     def __call__(
         self,
+        *,
         input_ids=None,  # [B, T]
         attention_mask=None,  # [B, T], 1 = token, 0 = padding (with a cache: the new tokens)
         position_ids=None,  # [B or 1, T]
         inputs_embeds=None,  # [B, T, E]
         cache: KVCache | None = None,
-        **flags,  # output_hidden_states, output_attentions
+        output_hidden_states: bool = False,
+        output_attentions: bool = False,
     ) -> BaseModelOutputWithPast:
         embeds, step, position_ids = self.begin(
             self.embed_tokens, input_ids, inputs_embeds, attention_mask, position_ids, cache,
             self.windows,
         )  # fmt: skip
         cos, sin = rope.cos_sin(self.rope, position_ids, embeds.dtype)  # [B or 1, T, D]
+        flags = dict(output_hidden_states=output_hidden_states, output_attentions=output_attentions)
         return self.finish(embeds, step, self.norm, flags, cos=cos, sin=sin)
 
 
@@ -221,6 +224,28 @@ def heads(question_answering_prefix: str | None = None) -> dict[str, HeadSpec]:
     }
 
 
+#: What every Llama-like model_type reads from the config (flaxauto.config_checks refuses the
+#: rest); each adds its own below.
+COMMON_CONFIG_ATTRIBUTES = (
+    "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+    "num_key_value_heads", "head_dim", "hidden_act", "max_position_embeddings", "rms_norm_eps",
+    "rope_parameters", "attention_dropout", "pad_token_id", "tie_word_embeddings",
+    # the generic token classification head's dropout and bias, when present
+    "classifier_dropout", "hidden_dropout", "token_classification_bias",
+)  # fmt: skip
+# pretraining_tp split the projections in old transformers; the product is the same
+LLAMA_CONFIG_ATTRIBUTES = (
+    *COMMON_CONFIG_ATTRIBUTES,
+    "attention_bias",
+    "mlp_bias",
+    "pretraining_tp",
+)
+MISTRAL_CONFIG_ATTRIBUTES = (*COMMON_CONFIG_ATTRIBUTES, "sliding_window")
+QWEN2_CONFIG_ATTRIBUTES = (
+    *COMMON_CONFIG_ATTRIBUTES, "use_sliding_window", "max_window_layers", "layer_types",
+    "sliding_window",
+)  # fmt: skip
+
 # Llama's and Qwen2's ForQuestionAnswering keep the backbone under "transformer" (as older
 # checkpoints did); Mistral's under "model".
 register(
@@ -228,11 +253,19 @@ register(
     backbone=LlamaModel,
     base_model_prefix="model",
     heads=heads("transformer"),
+    config_attributes=LLAMA_CONFIG_ATTRIBUTES,
 )
-register(model_types=("mistral",), backbone=MistralModel, base_model_prefix="model", heads=heads())
+register(
+    model_types=("mistral",),
+    backbone=MistralModel,
+    base_model_prefix="model",
+    heads=heads(),
+    config_attributes=MISTRAL_CONFIG_ATTRIBUTES,
+)
 register(
     model_types=("qwen2",),
     backbone=Qwen2Model,
     base_model_prefix="model",
     heads=heads("transformer"),
+    config_attributes=QWEN2_CONFIG_ATTRIBUTES,
 )

@@ -11,7 +11,13 @@ import jax
 import jax.numpy as jnp
 
 from flaxauto.heads import MaskedLMHead, MultipleChoiceHead, SequenceClassificationHead
-from flaxauto.models.bert import COMMON_HEADS, NO_POOLER, BertEmbeddings, BertModel
+from flaxauto.models.bert import (
+    COMMON_HEADS,
+    CONFIG_ATTRIBUTES,
+    NO_POOLER,
+    BertEmbeddings,
+    BertModel,
+)
 from flaxauto.registry import ConfigAttr, HeadSpec, register
 
 
@@ -38,6 +44,7 @@ register(
     backbone=RobertaModel,
     base_model_prefix="roberta",
     optional_modules=("pooler",),
+    config_attributes=CONFIG_ATTRIBUTES,
     heads={
         **COMMON_HEADS,
         "sequence-classification": HeadSpec(
