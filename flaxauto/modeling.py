@@ -89,12 +89,12 @@ class Model(nnx.Module):
         features = self.backbone(**self.head.prepare_inputs(inputs), **flags)
         return self.head(features, backbone=self.backbone, inputs=inputs, **labels)
 
-    def init_cache(self, batch_size: int, max_length: int, dtype=None):
+    def init_cache(self, batch_size: int, max_length: int, dtype=None, *, mesh=None, rules=None):
         """An empty KV cache of `max_length` slots (decoder families), for model(..., cache=):
-        see flaxauto.decoder."""
+        see flaxauto.decoder. On `mesh` its arrays are sharded by their logical axes."""
         if not hasattr(self.backbone, "init_cache"):
             raise TypeError(f"{self.config.model_type} models take no KV cache")
-        return self.backbone.init_cache(batch_size, max_length, dtype)
+        return self.backbone.init_cache(batch_size, max_length, dtype, mesh=mesh, rules=rules)
 
     @property
     def generation_config(self):
@@ -144,9 +144,13 @@ class Model(nnx.Module):
         return files
 
 
-def _precision(dtype, param_dtype) -> layers.Precision:
+def _precision(dtype, param_dtype, attn_implementation=None) -> layers.Precision:
     param_dtype = jnp.dtype(param_dtype or jnp.float32)
-    return layers.Precision(dtype=jnp.dtype(dtype or param_dtype), param_dtype=param_dtype)
+    return layers.Precision(
+        dtype=jnp.dtype(dtype or param_dtype),
+        param_dtype=param_dtype,
+        attention=layers.attention_implementation(attn_implementation),
+    )
 
 
 def _execution_options(family, **requested) -> dict:
@@ -250,9 +254,12 @@ def from_config(
     rules=None,
     scan_layers: bool = False,
     remat: bool = False,
+    attn_implementation: str | None = None,
 ):
-    """A randomly initialised model for a transformers config (transformers' init rules)."""
-    precision = _precision(dtype, param_dtype)
+    """A randomly initialised model for a transformers config (transformers' init rules).
+    attn_implementation: "eager", "fused" (jax.nn.dot_product_attention) or None: eager on
+    CPU, fused on GPU/TPU (see layers.attention_implementation)."""
+    precision = _precision(dtype, param_dtype, attn_implementation)
     model = build_abstract(config, task, precision, seed, scan_layers=scan_layers, remat=remat)
     initialize_abstract(model, seed, mesh, rules)
     model.eval()
@@ -283,6 +290,7 @@ def from_pretrained(
     seed: int = 0,
     scan_layers: bool = False,
     remat: bool = False,
+    attn_implementation: str | None = None,
     revision: str | None = None,
     cache_dir: str | os.PathLike | None = None,
     token: str | None = None,
@@ -300,7 +308,7 @@ def from_pretrained(
     )
     registry.lookup(_read_model_type(checkpoint.config_path), task)  # a clear error before any work
     config = transformers.AutoConfig.from_pretrained(checkpoint.directory, **config_overrides)
-    precision = _precision(dtype, param_dtype)
+    precision = _precision(dtype, param_dtype, attn_implementation)
     model = build_abstract(config, task, precision, seed, scan_layers=scan_layers, remat=remat)
     if mesh is not None:
         from flaxauto.sharding import resolve_rules
