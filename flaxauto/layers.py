@@ -304,7 +304,7 @@ def _fused_attention(query, key, value, bias, scale: float) -> Array:
     if jax.default_backend() == "gpu" and query.dtype in (jnp.bfloat16, jnp.float16):
         try:
             return jax.nn.dot_product_attention(
-                query, key, value, _bias_in(bias, query.dtype), scale=scale,
+                query, key, value, _bias_in(bias, query.dtype, query.shape[1]), scale=scale,
                 implementation="cudnn",
             )  # fmt: skip
         except (ValueError, NotImplementedError, RuntimeError):
@@ -315,11 +315,13 @@ def _fused_attention(query, key, value, bias, scale: float) -> Array:
     )  # fmt: skip
 
 
-def _bias_in(bias: Array | None, dtype) -> Array | None:
-    """The bias in a half dtype: float32's min would round to -inf there (and -inf - -inf to
-    NaN in a row with nothing to attend), so it is clipped to the dtype's own min first."""
+def _bias_in(bias: Array | None, dtype, length: int) -> Array | None:
+    """The bias as cuDNN takes it: [B|1, H|1, T, S] (it refuses a query axis of 1, e.g. a
+    padding bias [B, 1, 1, S]), in the half dtype, clipped to that dtype's min first: float32's
+    min rounds to -inf there, and a row with nothing to attend would become NaN."""
     if bias is None:
         return None
+    bias = jnp.broadcast_to(bias, (*bias.shape[:2], length, bias.shape[-1]))
     return jnp.maximum(bias, jnp.finfo(dtype).min).astype(dtype)
 
 
