@@ -11,6 +11,8 @@ same logits as unsharded).
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -155,47 +157,58 @@ def _real(x, mask):
     return np.where(mask[..., None].astype(bool), np.asarray(x), 0)
 
 
-def _decode(model, ids, mask, encoder, encoder_mask, step_fn=None):
+@functools.cache
+def _compiled(graphdef):
+    return jax.jit(lambda state, inputs: nnx.merge(graphdef, state)(**inputs))
+
+
+def run(model, **inputs):
+    """model(**inputs) under jit over its split state (eager NNX dispatch is slow)."""
+    graphdef, state = nnx.split(model)
+    return _compiled(graphdef)(state, inputs)
+
+
+def _decode(model, ids, mask, encoder, encoder_mask, forward=run):
     """Prefill PROMPT tokens with the encoder output, then one token per call, without it."""
     cache = model.init_cache(BATCH, LENGTH + 1)
-    out = model(
-        ids[:, :PROMPT], attention_mask=mask[:, :PROMPT], encoder_hidden_states=encoder,
-        encoder_attention_mask=encoder_mask, cache=cache,
+    out = forward(
+        model, input_ids=ids[:, :PROMPT], attention_mask=mask[:, :PROMPT],
+        encoder_hidden_states=encoder, encoder_attention_mask=encoder_mask, cache=cache,
     )  # fmt: skip
     hidden, cache = [out.last_hidden_state], out.cache
-    step_fn = step_fn or (
-        lambda model, ids, mask, cache: model(ids, attention_mask=mask, cache=cache)
-    )
-    for t in range(PROMPT, LENGTH):
-        out = step_fn(model, ids[:, t : t + 1], mask[:, t : t + 1], cache)
+    for t in range(PROMPT, ids.shape[1]):
+        out = forward(
+            model, input_ids=ids[:, t : t + 1], attention_mask=mask[:, t : t + 1], cache=cache
+        )
         hidden.append(out.last_hidden_state)
         cache = out.cache
     return np.concatenate([np.asarray(h) for h in hidden], axis=1), cache
 
 
+@pytest.fixture(scope="module")
+def decoded(decoders):
+    """Each layout's decoding of _batch() token by token: (hidden states, final cache)."""
+    ids, mask, encoder, encoder_mask = _batch()
+    return {
+        layout: _decode(model, ids, mask, encoder, encoder_mask)
+        for layout, model in decoders.items()
+    }
+
+
 @pytest.mark.parametrize("layout", ["unrolled", "scanned"])
-def test_cached_decoding_equals_the_full_forward(decoders, layout):
+def test_cached_decoding_equals_the_full_forward(decoders, decoded, layout):
     model = decoders[layout]
     ids, mask, encoder, encoder_mask = _batch()
-    full = model(
-        ids, attention_mask=mask, encoder_hidden_states=encoder, encoder_attention_mask=encoder_mask
-    ).last_hidden_state
+    full = run(
+        model, input_ids=ids, attention_mask=mask, encoder_hidden_states=encoder,
+        encoder_attention_mask=encoder_mask,
+    ).last_hidden_state  # fmt: skip
     assert full.shape == (BATCH, LENGTH, HIDDEN)
-    stepped, cache = _decode(model, ids, mask, encoder, encoder_mask)
+    stepped, cache = decoded[layout]
     assert max_diff(_real(stepped, mask), _real(full, mask)) <= TOLERANCE
-    # the same under jit, one compiled step over the cache pytree
-    graphdef = nnx.graphdef(model)
-
-    @jax.jit
-    def step(state, ids, mask, cache):
-        return nnx.merge(graphdef, state)(ids, attention_mask=mask, cache=cache)
-
-    state = nnx.state(model)
-    jitted, _ = _decode(model, ids, mask, encoder, encoder_mask, lambda _, *a: step(state, *a))
-    assert max_diff(_real(jitted, mask), _real(full, mask)) <= TOLERANCE
     # the encoder's padding was attended as the full forward did: change it, the outputs move
-    other = model(
-        ids, attention_mask=mask, encoder_hidden_states=encoder,
+    other = run(
+        model, input_ids=ids, attention_mask=mask, encoder_hidden_states=encoder,
         encoder_attention_mask=np.ones_like(encoder_mask),
     ).last_hidden_state  # fmt: skip
     assert max_diff(_real(other, mask)[0], _real(full, mask)[0]) > 1e-3
@@ -268,15 +281,16 @@ def test_reorder_moves_both_parts(decoders, layout):
     assert int(moved.length) == int(cache.length)
     # decoding on from the moved cache = decoding row 1 in both rows
     last = ids[:, -1:][rows]
-    out = model(last, attention_mask=mask[:, -1:][rows], cache=moved)
-    expected = model(ids[:, -1:], attention_mask=mask[:, -1:], cache=cache).last_hidden_state
+    out = run(model, input_ids=last, attention_mask=mask[:, -1:][rows], cache=moved)
+    expected = run(model, input_ids=ids[:, -1:], attention_mask=mask[:, -1:], cache=cache)
+    expected = expected.last_hidden_state
     assert max_diff(out.last_hidden_state, np.asarray(expected)[rows]) <= TOLERANCE
 
 
-def test_stacked_and_unrolled_layouts_agree(decoders):
-    ids, mask, encoder, encoder_mask = _batch()
-    unrolled_hidden, unrolled = _decode(decoders["unrolled"], ids, mask, encoder, encoder_mask)
-    scanned_hidden, scanned = _decode(decoders["scanned"], ids, mask, encoder, encoder_mask)
+def test_stacked_and_unrolled_layouts_agree(decoded):
+    _, mask, _, _ = _batch()
+    unrolled_hidden, unrolled = decoded["unrolled"]
+    scanned_hidden, scanned = decoded["scanned"]
     assert max_diff(_real(unrolled_hidden, mask), _real(scanned_hidden, mask)) <= TOLERANCE
     assert not unrolled.stacked and scanned.stacked
     for part in ("self_attention", "cross_attention"):
@@ -295,10 +309,8 @@ def _named_arrays(cache) -> list:
     return named
 
 
-def test_every_cache_array_names_its_logical_axes(decoders):
-    ids, mask, encoder, encoder_mask = _batch()
-    for layout, model in decoders.items():
-        _, cache = _decode(model, ids, mask, encoder, encoder_mask)
+def test_every_cache_array_names_its_logical_axes(decoded):
+    for layout, (_, cache) in decoded.items():
         named = _named_arrays(cache)
         assert len(named) == len(jax.tree.leaves(cache))
         for shape, axes in named:
@@ -307,11 +319,11 @@ def test_every_cache_array_names_its_logical_axes(decoders):
         assert bool(stacked_axes) == (layout == "scanned")
 
 
-def test_the_encoder_decoder_cache_shards_under_a_mesh(decoders):
+def test_the_encoder_decoder_cache_shards_under_a_mesh(decoders, decoded):
     model = decoders["unrolled"]
     mesh = flaxauto.make_mesh(data=2, fsdp=4)
-    ids, mask, encoder, encoder_mask = _batch()
-    _, cache = _decode(model, ids, mask, encoder, encoder_mask)
+    ids = _batch()[0]
+    _, cache = decoded["unrolled"]
     sharded = shard_cache(cache, mesh, "fsdp")
     for part in (sharded.self_attention, sharded.cross_attention):
         for x in (*part.keys, *part.values, part.mask):
