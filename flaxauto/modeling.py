@@ -91,9 +91,12 @@ class Model(nnx.Module):
 
     def init_cache(self, batch_size: int, max_length: int, dtype=None, *, mesh=None, rules=None):
         """An empty KV cache of `max_length` slots (decoder families), for model(..., cache=):
-        see flaxauto.decoder. On `mesh` its arrays are sharded by their logical axes."""
+        see flaxauto.decoder. On `mesh` (default: the one the model was loaded onto) its arrays
+        are sharded by their logical axes and `rules`."""
         if not hasattr(self.backbone, "init_cache"):
             raise TypeError(f"{self.config.model_type} models take no KV cache")
+        if mesh is None:
+            mesh, rules = getattr(self.static, "placement", (None, None))
         return self.backbone.init_cache(batch_size, max_length, dtype, mesh=mesh, rules=rules)
 
     @property
@@ -262,6 +265,7 @@ def from_config(
     precision = _precision(dtype, param_dtype, attn_implementation)
     model = build_abstract(config, task, precision, seed, scan_layers=scan_layers, remat=remat)
     initialize_abstract(model, seed, mesh, rules)
+    model.static.placement = (mesh, rules)  # where init_cache puts a cache by default
     model.eval()
     return model
 
@@ -325,6 +329,7 @@ def from_pretrained(
             where=str(checkpoint.directory),
         )
     initialize_abstract(model, seed, mesh, rules)
+    model.static.placement = (mesh, rules)  # where init_cache puts a cache by default
     _report(model, info)
     model.eval()
     if checkpoint.generation_config_path is not None and task == "causal-lm":

@@ -322,3 +322,19 @@ def test_fused_option_decodes_with_the_cache_like_eager(family_pair):
     ours = fused.generate(ids, attention_mask=mask, max_new_tokens=6, eos_token_id=None)
     theirs = eager.generate(ids, attention_mask=mask, max_new_tokens=6, eos_token_id=None)
     np.testing.assert_array_equal(np.asarray(ours), np.asarray(theirs))
+
+
+def test_fused_path_falls_back_to_eager_while_dropout_is_active():
+    q = jnp.asarray(rand(BATCH, T, 4, 8, seed=15))
+    k, v = (jnp.asarray(rand(BATCH, S, 2, 8, seed=seed)) for seed in (16, 17))
+
+    def attention(deterministic: bool, implementation: str):
+        dropout = nnx.Dropout(0.5, deterministic=deterministic, rngs=nnx.Rngs(dropout=3))
+        return layers.dot_product_attention(q, k, v, None, dropout, implementation=implementation)
+
+    dropped, probs = attention(False, "fused")  # training: the fused kernel cannot drop probs
+    assert probs is not None
+    assert max_diff(dropped, attention(False, "eager")[0]) == 0  # the same draw
+    assert max_diff(dropped, attention(True, "eager")[0]) > 1e-2  # something was dropped
+    context, none = attention(True, "fused")  # evaluation: fused
+    assert none is None and max_diff(context, attention(True, "eager")[0]) <= FUSED_TOLERANCE

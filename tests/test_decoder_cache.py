@@ -359,6 +359,10 @@ def test_a_causal_lm_cache_made_on_a_mesh_is_sharded_and_decodes_alike(
     cache = sharded.init_cache(batch, length + 2, mesh=mesh, rules=rules)
     for x in jax.tree.leaves(cache.keys) + [cache.mask]:
         assert not x.sharding.is_fully_replicated
+    # a model loaded onto a mesh makes its caches there by default, with its rules
+    default = sharded.init_cache(batch, length + 2)
+    assert jax.tree.map(lambda x: x.sharding, default) == jax.tree.map(lambda x: x.sharding, cache)
+    assert plain.init_cache(batch, 4).keys[0].sharding.is_fully_replicated
     if rules == "fsdp+tensor":  # the 2 key/value heads follow the "kv" weights over "tensor"
         assert cache.keys[0].sharding.spec[1] == "tensor"
     positions = np.where(mask == 0, 0, np.cumsum(mask, axis=-1) - 1)
