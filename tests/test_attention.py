@@ -313,10 +313,9 @@ def test_fused_option_matches_eager_for_every_family(family_pair):
         assert max_diff(a, b) == 0
 
 
+@pytest.mark.parametrize("family_pair", sorted(DECODERS), indirect=True)
 def test_fused_option_decodes_with_the_cache_like_eager(family_pair):
     model_type, task, eager, fused = family_pair
-    if task != "causal-lm":
-        pytest.skip("encoders have no cache")
     inputs = text_inputs(model_type, task)
     ids, mask = inputs["input_ids"], inputs["attention_mask"]
     ours = fused.generate(ids, attention_mask=mask, max_new_tokens=6, eos_token_id=None)
