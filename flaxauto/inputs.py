@@ -231,8 +231,6 @@ LOADING_KEYWORDS: dict[str, tuple[tuple, str]] = {
     "force_download": ((None, False), "delete the files from the Hugging Face cache"),
     "resume_download": ((None, True, False), ""),  # deprecated in huggingface_hub: no effect
     "proxies": ((None,), "set HTTPS_PROXY for huggingface_hub"),
-    # eager and sdpa give the same numbers as flaxauto's attention
-    "attn_implementation": ((None, "eager", "sdpa"), "flaxauto has its own attention"),
 }
 
 

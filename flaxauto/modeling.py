@@ -95,12 +95,15 @@ class Model(nnx.Module):
         head_inputs = call.data | call.head_inputs
         return self.head(features, backbone=self.backbone, inputs=head_inputs, **call.labels)
 
-    def init_cache(self, batch_size: int, max_length: int, dtype=None):
+    def init_cache(self, batch_size: int, max_length: int, dtype=None, *, mesh=None, rules=None):
         """An empty KV cache of `max_length` slots (decoder families), for model(..., cache=):
-        see flaxauto.decoder."""
+        see flaxauto.decoder. On `mesh` (default: the one the model was loaded onto) its arrays
+        are sharded by their logical axes and `rules`."""
         if not hasattr(self.backbone, "init_cache"):
             raise TypeError(f"{self.config.model_type} models take no KV cache")
-        return self.backbone.init_cache(batch_size, max_length, dtype)
+        if mesh is None:
+            mesh, rules = getattr(self.static, "placement", (None, None))
+        return self.backbone.init_cache(batch_size, max_length, dtype, mesh=mesh, rules=rules)
 
     @property
     def generation_config(self):
@@ -150,9 +153,13 @@ class Model(nnx.Module):
         return files
 
 
-def _precision(dtype, param_dtype) -> layers.Precision:
+def _precision(dtype, param_dtype, attn_implementation=None) -> layers.Precision:
     param_dtype = jnp.dtype(param_dtype or jnp.float32)
-    return layers.Precision(dtype=jnp.dtype(dtype or param_dtype), param_dtype=param_dtype)
+    return layers.Precision(
+        dtype=jnp.dtype(dtype or param_dtype),
+        param_dtype=param_dtype,
+        attention=layers.attention_implementation(attn_implementation),
+    )
 
 
 def _execution_options(family, **requested) -> dict:
@@ -256,11 +263,15 @@ def from_config(
     rules=None,
     scan_layers: bool = False,
     remat: bool = False,
+    attn_implementation: str | None = None,
 ):
-    """A randomly initialised model for a transformers config (transformers' init rules)."""
-    precision = _precision(dtype, param_dtype)
+    """A randomly initialised model for a transformers config (transformers' init rules).
+    attn_implementation: "eager", "fused" (jax.nn.dot_product_attention) or None: eager on
+    CPU, fused on GPU/TPU (see layers.attention_implementation)."""
+    precision = _precision(dtype, param_dtype, attn_implementation)
     model = build_abstract(config, task, precision, seed, scan_layers=scan_layers, remat=remat)
     initialize_abstract(model, seed, mesh, rules)
+    model.static.placement = (mesh, rules)  # where init_cache puts a cache by default
     model.eval()
     return model
 
@@ -289,6 +300,7 @@ def from_pretrained(
     seed: int = 0,
     scan_layers: bool = False,
     remat: bool = False,
+    attn_implementation: str | None = None,
     revision: str | None = None,
     cache_dir: str | os.PathLike | None = None,
     token: str | None = None,
@@ -314,7 +326,7 @@ def from_pretrained(
         checkpoint.directory, return_unused_kwargs=True, **config_overrides
     )
     inputs.refuse_unused_config_keywords(unused, config)
-    precision = _precision(dtype, param_dtype)
+    precision = _precision(dtype, param_dtype, attn_implementation)
     model = build_abstract(config, task, precision, seed, scan_layers=scan_layers, remat=remat)
     if mesh is not None:
         from flaxauto.sharding import resolve_rules
@@ -331,6 +343,7 @@ def from_pretrained(
             where=str(checkpoint.directory),
         )
     initialize_abstract(model, seed, mesh, rules)
+    model.static.placement = (mesh, rules)  # where init_cache puts a cache by default
     _report(model, info)
     model.eval()
     if checkpoint.generation_config_path is not None and task == "causal-lm":

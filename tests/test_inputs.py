@@ -383,7 +383,7 @@ def test_config_overrides_still_apply(bert_classifier):
         ("torch_dtype", "float16", "param_dtype="),
         ("device_map", "auto", "mesh="),
         ("trust_remote_code", True, "no code"),
-        ("attn_implementation", "flash_attention_2", "attention"),
+        ("attn_implementation", "flash_attention_2", "supported"),
         ("quantization_config", {"load_in_8bit": True}, "quantized"),
     ],
 )

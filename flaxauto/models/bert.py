@@ -81,10 +81,14 @@ class BertSelfAttention(nnx.Module):
             config.hidden_size, precision, rngs
         )
         self.dropout = layers.dropout(config.attention_probs_dropout_prob, rngs)
+        self.implementation = precision.attention
 
-    def __call__(self, hidden_states, bias):
-        projections = (self.query, self.key, self.value)
-        return layers.self_attention(projections, hidden_states, bias, self.num_heads, self.dropout)
+    def __call__(self, hidden_states, bias, output_attentions=False):
+        return layers.attend(
+            (self.query, self.key, self.value), hidden_states, num_heads=self.num_heads,
+            bias=bias, dropout=self.dropout, implementation=self.implementation,
+            output_attentions=output_attentions,
+        )  # fmt: skip
 
 
 class BertResidualOutput(nnx.Module):
@@ -108,8 +112,8 @@ class BertAttention(nnx.Module):
         self.self = BertSelfAttention(config, precision, rngs)
         self.output = BertResidualOutput(config, config.hidden_size, "heads", precision, rngs)
 
-    def __call__(self, hidden_states, bias):
-        context, probs = self.self(hidden_states, bias)
+    def __call__(self, hidden_states, bias, output_attentions=False):
+        context, probs = self.self(hidden_states, bias, output_attentions)
         return self.output(context, hidden_states), probs
 
 
@@ -130,8 +134,8 @@ class BertLayer(nnx.Module):
         self.intermediate = BertIntermediate(config, precision, rngs)
         self.output = BertResidualOutput(config, config.intermediate_size, "mlp", precision, rngs)
 
-    def __call__(self, hidden_states, bias):
-        attended, probs = self.attention(hidden_states, bias)
+    def __call__(self, hidden_states, bias, output_attentions=False):
+        attended, probs = self.attention(hidden_states, bias, output_attentions)
         return self.output(self.intermediate(attended), attended), probs
 
 

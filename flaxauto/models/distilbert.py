@@ -60,12 +60,14 @@ class DistilBertSelfAttention(nnx.Module):
         self.q_lin, self.k_lin, self.v_lin = layers.qkv_projections(config.dim, precision, rngs)
         self.out_lin = layers.linear(config.dim, config.dim, ("heads", "embed"), precision, rngs)
         self.dropout = layers.dropout(config.attention_dropout, rngs)
+        self.implementation = precision.attention
 
-    def __call__(self, hidden_states, bias):
-        projections = (self.q_lin, self.k_lin, self.v_lin)
-        context, probs = layers.self_attention(
-            projections, hidden_states, bias, self.n_heads, self.dropout
-        )
+    def __call__(self, hidden_states, bias, output_attentions=False):
+        context, probs = layers.attend(
+            (self.q_lin, self.k_lin, self.v_lin), hidden_states, num_heads=self.n_heads,
+            bias=bias, dropout=self.dropout, implementation=self.implementation,
+            output_attentions=output_attentions,
+        )  # fmt: skip
         return self.out_lin(context), probs
 
 
@@ -87,8 +89,8 @@ class TransformerBlock(nnx.Module):
         self.ffn = FFN(config, precision, rngs)
         self.output_layer_norm = layers.layer_norm(config.dim, LAYER_NORM_EPS, precision, rngs)
 
-    def __call__(self, hidden_states, bias):
-        attended, probs = self.attention(hidden_states, bias)
+    def __call__(self, hidden_states, bias, output_attentions=False):
+        attended, probs = self.attention(hidden_states, bias, output_attentions)
         attended = self.sa_layer_norm(attended + hidden_states)
         return self.output_layer_norm(self.ffn(attended) + attended), probs
 

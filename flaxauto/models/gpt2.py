@@ -54,6 +54,7 @@ class GPT2Attention(nnx.Module):
         self.c_proj = layers.conv1d(hidden, hidden, ("heads", "embed"), precision, rngs)
         self.attn_dropout = layers.dropout(config.attn_pdrop, rngs)
         self.resid_dropout = layers.dropout(config.resid_pdrop, rngs)
+        self.implementation = precision.attention
 
     def __call__(self, hidden_states, step: DecoderStep, layer_cache, bias):
         q, k, v = (
@@ -62,8 +63,9 @@ class GPT2Attention(nnx.Module):
         )
         k, v, layer_cache = step.keys_values(layer_cache, k, v)  # [B, S, H, D]
         context, probs = layers.dot_product_attention(
-            q, k, v, bias, self.attn_dropout, scale=self.scale
-        )
+            q, k, v, bias, self.attn_dropout, scale=self.scale,
+            implementation=self.implementation, output_attentions=step.output_attentions,
+        )  # fmt: skip
         return self.resid_dropout(self.c_proj(layers.merge_heads(context))), probs, layer_cache
 
 

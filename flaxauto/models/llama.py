@@ -100,6 +100,7 @@ class LlamaAttention(nnx.Module):
             q_out, hidden, ("heads", "embed"), precision, rngs, use_bias=variant.o_bias
         )
         self.dropout = layers.dropout(config.attention_dropout, rngs)
+        self.implementation = precision.attention
 
     def __call__(self, hidden_states, step: DecoderStep, layer_cache, bias, cos, sin):
         q = layers.split_heads(self.q_proj(hidden_states), self.num_heads)  # [B, T, H, D]
@@ -107,7 +108,10 @@ class LlamaAttention(nnx.Module):
         v = layers.split_heads(self.v_proj(hidden_states), self.num_kv_heads)
         q, k = rope.apply_rotary(q, cos, sin), rope.apply_rotary(k, cos, sin)
         k, v, layer_cache = step.keys_values(layer_cache, k, v)  # [B, S, K, D]
-        context, probs = layers.dot_product_attention(q, k, v, bias, self.dropout, scale=self.scale)
+        context, probs = layers.dot_product_attention(
+            q, k, v, bias, self.dropout, scale=self.scale,
+            implementation=self.implementation, output_attentions=step.output_attentions,
+        )  # fmt: skip
         return self.o_proj(layers.merge_heads(context)), probs, layer_cache
 
 
