@@ -64,6 +64,12 @@ class KVCache:
     def max_length(self) -> int:
         return self.mask.shape[1]
 
+    def reorder(self, rows: Array) -> KVCache:
+        """Row i taken from row rows[i] (rows [R], R may differ from B: beams); the batch axis is
+        -4 of keys and values, per layer [B, K, S, D] or stacked [L, B, K, S, D]."""
+        keys, values = jax.tree.map(lambda x: jnp.take(x, rows, axis=-4), (self.keys, self.values))
+        return self.replace(keys=keys, values=values, mask=jnp.take(self.mask, rows, axis=0))
+
 
 def _heads_first(x: Array) -> Array:
     return jnp.swapaxes(x, 1, 2)  # [B, S, K, D] <-> [B, K, S, D]

@@ -172,7 +172,7 @@ def test_reorder_cache_takes_rows_in_either_layout(pair):
     per_layer = cache.replace(keys=tuple(keys), values=tuple(values), mask=mask)
     stacked = cache.replace(keys=np.stack(keys), values=np.stack(values), mask=mask)
     for layout in (per_layer, stacked):
-        moved = beam_search.reorder_cache(layout, jnp.asarray(rows))
+        moved = layout.reorder(jnp.asarray(rows))
         for layer, (k, v) in enumerate(zip(keys, values, strict=True)):
             np.testing.assert_array_equal(moved.keys[layer], k[rows])
             np.testing.assert_array_equal(moved.values[layer], v[rows])

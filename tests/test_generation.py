@@ -211,8 +211,8 @@ def test_bfloat16_weights_are_close_and_generate(pair):
 def test_unsupported_settings_are_named(pair):
     model_type, _, model = pair
     ids, mask = prompts(model_type)
-    with pytest.raises(NotImplementedError, match="no_repeat_ngram_size"):
-        model.generate(ids, attention_mask=mask, no_repeat_ngram_size=2)
+    with pytest.raises(NotImplementedError, match="encoder_no_repeat_ngram_size"):
+        model.generate(ids, attention_mask=mask, encoder_no_repeat_ngram_size=2)
     with pytest.raises(TypeError, match="not_a_setting"):
         model.generate(ids, attention_mask=mask, not_a_setting=1)
     with pytest.raises(ValueError, match="max_length"):
