@@ -194,3 +194,32 @@ def test_unsupported_beam_settings_are_named(pair):
         model.generate(ids, attention_mask=mask, num_beams=2, num_return_sequences=3)
     with pytest.raises(ValueError, match="early_stopping"):  # transformers' own check
         model.generate(ids, attention_mask=mask, num_beams=2, early_stopping="sometimes")
+
+
+@one_family("llama")
+def test_return_dict_in_generate_with_beam_scores(pair):
+    """Each step's processed log-probabilities of every running beam, and the returned
+    hypotheses' scores, as transformers returns them."""
+    settings = dict(
+        pair.settings, num_return_sequences=2, length_penalty=0.7, no_repeat_ngram_size=3,
+        return_dict_in_generate=True, output_scores=True,
+    )  # fmt: skip
+    with torch.no_grad():
+        theirs = pair.reference.generate(
+            torch.as_tensor(pair.ids), attention_mask=torch.as_tensor(pair.mask),
+            do_sample=False, **settings,
+        )  # fmt: skip
+    ours = pair.model.generate(pair.ids, attention_mask=pair.mask, **settings)
+    np.testing.assert_array_equal(np.asarray(ours.sequences), theirs.sequences.numpy())
+    np.testing.assert_allclose(
+        np.asarray(ours.sequences_scores), theirs.sequences_scores.numpy(), rtol=1e-5, atol=1e-5
+    )
+    assert len(ours.scores) == len(theirs.scores)
+    for step_ours, step_theirs in zip(ours.scores, theirs.scores, strict=True):
+        assert step_ours.shape == (len(pair.ids) * 4, pair.model.config.vocab_size)
+        step_theirs = step_theirs.numpy()
+        np.testing.assert_array_equal(np.isneginf(step_ours), np.isneginf(step_theirs))
+        finite = np.isfinite(step_theirs)
+        np.testing.assert_allclose(
+            np.asarray(step_ours)[finite], step_theirs[finite], rtol=1e-4, atol=1e-4
+        )

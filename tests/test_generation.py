@@ -225,3 +225,44 @@ def test_generate_needs_a_causal_lm(pair):
     base = flaxauto.AutoModel.from_config(reference.config)
     with pytest.raises(TypeError, match="causal LM"):
         base.generate(np.ones((1, 3), np.int32))
+
+
+def assert_scores_close(ours, theirs):
+    """Scores of one step [R, V]: the same tokens banned, the rest within fp32 noise."""
+    ours, theirs = np.asarray(ours), theirs.numpy()
+    np.testing.assert_array_equal(np.isneginf(ours), np.isneginf(theirs))
+    finite = np.isfinite(theirs)
+    np.testing.assert_allclose(ours[finite], theirs[finite], rtol=1e-4, atol=1e-4)
+
+
+@one_family("gpt2")
+@pytest.mark.parametrize("sampling", [False, True], ids=["greedy", "sampling"])
+def test_return_dict_in_generate_with_scores_as_transformers(pair, sampling):
+    """The scores each token was chosen from, after the processors (and, sampling, the
+    warpers: top_k=1 keeps transformers' draw deterministic)."""
+    model_type, reference, model = pair
+    ids, mask = prompts(model_type)
+    settings = dict(
+        max_new_tokens=12, no_repeat_ngram_size=2, forced_eos_token_id=5, eos_token_id=2,
+        return_dict_in_generate=True, output_scores=True,
+    )  # fmt: skip
+    if sampling:
+        settings.update(do_sample=True, top_k=1, temperature=0.5)
+    with torch.no_grad():
+        theirs = reference.generate(
+            torch.as_tensor(ids), attention_mask=torch.as_tensor(mask), **settings
+        )
+    ours = model.generate(ids, attention_mask=mask, **settings)
+    np.testing.assert_array_equal(np.asarray(ours.sequences), theirs.sequences.numpy())
+    assert ours.sequences_scores is None
+    assert len(ours.scores) == len(theirs.scores) == theirs.sequences.shape[1] - ids.shape[1]
+    for step_ours, step_theirs in zip(ours.scores, theirs.scores, strict=True):
+        assert_scores_close(step_ours, step_theirs)
+    without = model.generate(ids, attention_mask=mask, **dict(settings, output_scores=False))
+    assert without.scores is None
+    np.testing.assert_array_equal(np.asarray(without["sequences"]), theirs.sequences.numpy())
+    # output_scores alone changes nothing, as in transformers: token ids come back
+    alone = dict(settings, return_dict_in_generate=False)
+    np.testing.assert_array_equal(
+        np.asarray(model.generate(ids, attention_mask=mask, **alone)), theirs.sequences.numpy()
+    )

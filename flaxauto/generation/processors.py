@@ -102,7 +102,7 @@ def bad_words(scores, tokens, first, end, sequences: tuple[tuple[int, ...], ...]
         if prefix > tokens.shape[1]:  # longer than any row can be
             continue
         recent = jax.lax.dynamic_slice_in_dim(tokens, end - prefix, prefix, axis=1)  # [R, L]
-        ends_with = jnp.all(recent == jnp.asarray(sequence[:-1], jnp.int32), axis=1)
+        ends_with = jnp.all(recent == jnp.asarray(sequence[:-1], jnp.int32)[None, :], axis=1)
         ends_with = ends_with & (prefix <= end - first)  # transformers skips longer prefixes
         banned = banned.at[:, sequence[-1]].set(banned[:, sequence[-1]] | ends_with)
     return jnp.where(banned, -jnp.inf, scores)
