@@ -198,11 +198,11 @@ def test_unsupported_beam_settings_are_named(pair):
 
 @one_family("llama")
 def test_return_dict_in_generate_with_beam_scores(pair):
-    """Each step's processed log-probabilities of every running beam, and the returned
-    hypotheses' scores, as transformers returns them."""
+    """Each step's processed log-probabilities and raw logits of every running beam, the
+    returned hypotheses' scores and beam indices, as transformers returns them."""
     settings = dict(
         pair.settings, num_return_sequences=2, length_penalty=0.7, no_repeat_ngram_size=3,
-        return_dict_in_generate=True, output_scores=True,
+        return_dict_in_generate=True, output_scores=True, output_logits=True,
     )  # fmt: skip
     with torch.no_grad():
         theirs = pair.reference.generate(
@@ -214,7 +214,10 @@ def test_return_dict_in_generate_with_beam_scores(pair):
     np.testing.assert_allclose(
         np.asarray(ours.sequences_scores), theirs.sequences_scores.numpy(), rtol=1e-5, atol=1e-5
     )
-    assert len(ours.scores) == len(theirs.scores)
+    np.testing.assert_array_equal(np.asarray(ours.beam_indices), theirs.beam_indices.numpy())
+    assert len(ours.scores) == len(ours.logits) == len(theirs.scores)
+    for step_ours, step_theirs in zip(ours.logits, theirs.logits, strict=True):
+        np.testing.assert_allclose(np.asarray(step_ours), step_theirs.numpy(), atol=1e-4)
     for step_ours, step_theirs in zip(ours.scores, theirs.scores, strict=True):
         assert step_ours.shape == (len(pair.ids) * 4, pair.model.config.vocab_size)
         step_theirs = step_theirs.numpy()

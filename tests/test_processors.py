@@ -180,7 +180,8 @@ def settings_for(name: str, generated: np.ndarray) -> dict:
     """A value of each setting that changes what this model generates, taken from its free run."""
     common = Counter(generated.ravel().tolist()).most_common()
     if name == "no_repeat_ngram_size":  # pairs where the free run repeats one, else tokens
-        repeats = any(len(set(zip(row, row[1:]))) < len(row) - 1 for row in generated.tolist())
+        pairs = [list(zip(row[:-1], row[1:], strict=True)) for row in generated.tolist()]
+        repeats = any(len(set(row)) < len(row) for row in pairs)
         return dict(no_repeat_ngram_size=2 if repeats else 1)
     if name == "bad_words_ids":
         # one token, and a pair the free run produces in row 1

@@ -14,8 +14,8 @@ early_stopping, num_return_sequences; see flaxauto.generation.beam_search); the 
 repetition_penalty, no_repeat_ngram_size, bad_words_ids, min_length / min_new_tokens,
 forced_bos_token_id, forced_eos_token_id, suppress_tokens, begin_suppress_tokens (see
 flaxauto.generation.processors); eos_token_id (int or list), pad_token_id, max_new_tokens /
-max_length, left-padded batches; return_dict_in_generate with output_scores
-(flaxauto.generation.outputs.GenerateOutput). Any other active setting raises
+max_length, left-padded batches; return_dict_in_generate with output_scores and
+output_logits (flaxauto.generation.outputs.GenerateOutput). Any other active setting raises
 NotImplementedError naming it.
 """
 
@@ -26,7 +26,7 @@ import numpy as np
 from flax import nnx
 
 from flaxauto.generation import beam_search, greedy
-from flaxauto.generation.outputs import GenerateOutput
+from flaxauto.generation.outputs import GenerateOutput, per_step
 from flaxauto.generation.settings import plan as make_plan
 from flaxauto.generation.settings import prepare, resolve_generation_config
 
@@ -34,7 +34,8 @@ from flaxauto.generation.settings import prepare, resolve_generation_config
 def generate(model, input_ids, attention_mask=None, *, generation_config=None, key=None, **kwargs):
     """Prompt [B, P] -> token ids [B * num_return_sequences, P + new] (prompt included), as
     transformers' generate; with return_dict_in_generate=True a GenerateOutput (`.sequences`,
-    and `.scores` / `.sequences_scores` with output_scores=True).
+    `.scores` and, for beam search, `.sequences_scores` with output_scores=True, `.logits`
+    with output_logits=True; beam search adds `.beam_indices`).
 
     `key` seeds sampling (a jax.random key; fresh entropy if None). Rows that finish early are
     filled with pad_token_id; the result stops when every row has finished or at max_length.
@@ -53,25 +54,25 @@ def generate(model, input_ids, attention_mask=None, *, generation_config=None, k
     prompt = prepare(model, config, plan, default_max_length, input_ids, attention_mask)
     graphdef, state = nnx.split(model)
     if config.num_beams > 1:
-        sequences, sequences_scores, steps, scores = beam_search.generate(
+        sequences, sequences_scores, beam_indices, steps, kept = beam_search.generate(
             graphdef, state, config, plan, prompt
         )
     else:
         if key is None:
             key = jax.random.key(np.random.SeedSequence().entropy % (2**32))
-        tokens, steps, scores = greedy.decode(
+        tokens, steps, kept = greedy.decode(
             graphdef, plan, prompt.cache_length, state, prompt.ids, prompt.mask,
             prompt.scalars, key,
         )  # fmt: skip
         steps = int(steps)
         sequences = tokens[:, prompt.padding : prompt.ids.shape[1] + steps]
-        sequences_scores = None
+        sequences_scores = beam_indices = None
     if not config.return_dict_in_generate:
         return sequences
-    if not plan.output_scores:
-        return GenerateOutput(sequences=sequences)
     return GenerateOutput(
         sequences=sequences,
-        scores=tuple(scores[i] for i in range(steps)),
-        sequences_scores=sequences_scores,
+        scores=per_step(kept, "scores", steps),
+        logits=per_step(kept, "logits", steps),
+        sequences_scores=sequences_scores if plan.output_scores else None,
+        beam_indices=beam_indices,
     )

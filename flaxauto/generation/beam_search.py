@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx, struct
 
+from flaxauto.generation.outputs import new_record, record
 from flaxauto.generation.processors import History, eos_mask, process_scores, prompt_tokens
 from flaxauto.generation.settings import Plan, Prompt
 
@@ -59,7 +60,11 @@ class _Beams:
     parents: Array  # [B * N] int32: the row of `decoding` each running beam continues
     seen: Array | None  # [B * N, V] bool: tokens the repetition penalty applies to
     step: Array  # [] int32: tokens generated so far
-    scores: Array | None  # [S - P, B * N, V] float32: each step's processed log-probabilities
+    record: dict | None  # [S - P, B * N, V] buffers: each step's scores and/or logits
+    # plan.beam_indices: [B, N, S - P] int32, the row (b * N + n) each token of a running /
+    # finished hypothesis was chosen from, -1 after its end
+    running_beams: Array | None
+    finished_beams: Array | None
 
 
 def beam_settings(config, plan: Plan, cache_length: int) -> BeamSettings:
@@ -84,10 +89,12 @@ def beam_settings(config, plan: Plan, cache_length: int) -> BeamSettings:
 
 def generate(graphdef, state, config, plan: Plan, prompt: Prompt):
     """-> (token ids [B * num_return_sequences, prompt + generated], each row's best first;
-    their scores [B * num_return_sequences]; the number of steps run; under plan.output_scores
-    each step's processed log-probabilities [S - P, B * num_beams, V], else None)."""
+    their scores [B * num_return_sequences]; under plan.beam_indices the row each of their tokens
+    was chosen from [B * num_return_sequences, generated], else None; the number of steps run;
+    under plan.output_scores / output_logits each step's processed log-probabilities / raw
+    logits ([S - P, B * num_beams, V] under "scores" / "logits"), else None)."""
     settings = beam_settings(config, plan, prompt.cache_length)
-    tokens, finished_scores, lengths, steps, scores = _search(
+    tokens, finished_scores, lengths, beams, steps, kept = _search(
         graphdef, plan, int(config.num_beams), prompt.cache_length, state, prompt.ids,
         prompt.mask, prompt.scalars, settings,
     )  # fmt: skip
@@ -95,7 +102,9 @@ def generate(graphdef, state, config, plan: Plan, prompt: Prompt):
     tokens = tokens[:, :returned].reshape(-1, tokens.shape[-1])  # [B * R, S]
     generated = int(jnp.max(lengths[:, :returned]))
     sequences = tokens[:, prompt.padding : prompt.ids.shape[1] + generated]
-    return sequences, finished_scores[:, :returned].reshape(-1), int(steps), scores
+    if beams is not None:  # [B * R, generated]
+        beams = beams[:, :returned].reshape(-1, beams.shape[-1])[:, :generated]
+    return sequences, finished_scores[:, :returned].reshape(-1), beams, int(steps), kept
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "plan", "num_beams", "cache_length"))
@@ -103,8 +112,8 @@ def _search(graphdef, plan, num_beams: int, cache_length: int, state, ids, mask,
             settings: BeamSettings):  # fmt: skip
     """ids, mask [B, P] (left-padded to the bucket P); scalars: prompt length as the caller sees
     it, max_length, min_length. Returns the finished hypotheses [B, N, S] (best first), their
-    scores and generated lengths [B, N], the number of steps run and, under plan.output_scores,
-    each step's processed log-probabilities [S - P, B * N, V] (else None)."""
+    scores and generated lengths [B, N], their beam indices (or None), the number of steps run and
+    the record of each step (see `generate`)."""
     prompt_length, max_length = scalars[0], scalars[1]
     model = nnx.merge(graphdef, state)
     model.eval()
@@ -118,6 +127,8 @@ def _search(graphdef, plan, num_beams: int, cache_length: int, state, ids, mask,
     )
     # only beam 0 is live at first: its copies would otherwise pick the same continuations
     first_only = jnp.where(jnp.arange(n) == 0, 0.0, EXCLUDED).astype(jnp.float32)
+    steps = cache_length - prompt_bucket  # the most tokens the buffer takes
+    beams = jnp.full((batch, n, steps), -1, jnp.int32) if plan.beam_indices else None
     seen = None
     if plan.repetition_penalty != 1:
         seen = prompt_tokens(ids, mask, logits.shape[-1])[every_beam]
@@ -134,11 +145,11 @@ def _search(graphdef, plan, num_beams: int, cache_length: int, state, ids, mask,
         parents=jnp.arange(batch * n, dtype=jnp.int32),
         seen=seen,
         step=jnp.zeros((), jnp.int32),
-        scores=(
-            jnp.zeros((cache_length - prompt_bucket, batch * n, logits.shape[-1]), jnp.float32)
-            if plan.output_scores
-            else None
+        record=new_record(
+            plan.output_scores, plan.output_logits, steps, batch * n, logits.shape[-1]
         ),
+        running_beams=beams,
+        finished_beams=beams,
     )
 
     def select(carry: _Beams, logits) -> _Beams:
@@ -161,7 +172,10 @@ def _search(graphdef, plan, num_beams: int, cache_length: int, state, ids, mask,
         return select(carry.replace(decoding=decoding), logits)
 
     carry = jax.lax.while_loop(more, step, select(carry, jnp.repeat(logits, n, axis=0)))
-    return carry.finished, carry.finished_scores, carry.finished_lengths, carry.step, carry.scores
+    return (
+        carry.finished, carry.finished_scores, carry.finished_lengths, carry.finished_beams,
+        carry.step, carry.record,
+    )  # fmt: skip
 
 
 def _gather(x: Array, index: Array) -> Array:
@@ -188,9 +202,8 @@ def _select(plan, settings: BeamSettings, carry: _Beams, logits, prompt_bucket, 
         min_length=min_length,
     )
     log_probs = process_scores(plan, log_probs, history)
-    recorded = carry.scores
-    if recorded is not None:  # transformers keeps the processed log-probabilities
-        recorded = jax.lax.dynamic_update_index_in_dim(recorded, log_probs, carry.step, 0)
+    # transformers keeps the processed log-probabilities, and the raw logits
+    recorded = record(carry.record, carry.step, scores=log_probs, logits=logits)
     vocab = log_probs.shape[-1]
     totals = log_probs.reshape(batch, n, vocab) + carry.running_scores[:, :, None]
     kept = n * max(2, 1 + len(plan.eos_token_ids))  # K, see the module docstring
@@ -200,35 +213,42 @@ def _select(plan, settings: BeamSettings, carry: _Beams, logits, prompt_bucket, 
     candidates = jax.lax.dynamic_update_slice(
         candidates, token[:, :, None], (0, 0, prompt_bucket + carry.step)
     )
+    from_row = parent + jnp.arange(batch)[:, None] * n  # [B, K]: the B * N row continued
+    candidate_beams = None
+    if carry.running_beams is not None:
+        candidate_beams = jax.lax.dynamic_update_slice(
+            _gather(carry.running_beams, parent), from_row[:, :, None], (0, 0, carry.step)
+        )
     ends = eos_mask(plan, vocab)[token] | (length + 1 >= max_length)  # [B, K]
 
     # the N best continuations that did not end run on
     alive = scores + ends.astype(jnp.float32) * EXCLUDED
     running_scores, keep = jax.lax.top_k(alive, n)  # [B, N]
     running = _gather(candidates, keep)
-    rows = (_gather(parent, keep) + jnp.arange(batch)[:, None] * n).reshape(-1)  # [B * N]
+    rows = _gather(from_row, keep).reshape(-1)  # [B * N]
     seen = carry.seen
     if seen is not None:
         new_token = _gather(token, keep).reshape(-1)
         seen = seen[rows].at[jnp.arange(rows.shape[0]), new_token].set(True)
 
     penalty = settings.penalties[generated]
-    finished = _merge_finished(settings, carry, candidates, scores, ends, penalty)
+    finished = _merge_finished(settings, carry, candidates, candidate_beams, scores, ends, penalty)
     carry = carry.replace(
+        running_beams=None if candidate_beams is None else _gather(candidate_beams, keep),
         running=running,
         running_scores=running_scores,
         all_end=jnp.all(ends),
         parents=rows,
         seen=seen,
         step=carry.step + 1,
-        scores=recorded,
+        record=recorded,
         **finished,
     )
     return carry.replace(improvable=_improvable(settings, carry, scalars))
 
 
 def _merge_finished(
-    settings: BeamSettings, carry: _Beams, candidates, scores, ends, penalty
+    settings: BeamSettings, carry: _Beams, candidates, candidate_beams, scores, ends, penalty
 ) -> dict:
     """Keep the N best of the finished hypotheses and the continuations that just ended (among
     the N best only; none where the row is full under early_stopping=True or cannot improve)."""
@@ -244,7 +264,12 @@ def _merge_finished(
     merged = jnp.concatenate([carry.finished_scores, final], axis=1)  # [B, N + K]
     finished_scores, best = jax.lax.top_k(merged, n)  # [B, N]
     lengths = jnp.broadcast_to(carry.step + 1, (batch, k)).astype(jnp.int32)
+    finished_beams = None
+    if candidate_beams is not None:
+        merged_beams = jnp.concatenate([carry.finished_beams, candidate_beams], axis=1)
+        finished_beams = _gather(merged_beams, best)
     return dict(
+        finished_beams=finished_beams,
         finished=_gather(jnp.concatenate([carry.finished, candidates], axis=1), best),
         finished_scores=finished_scores,
         finished_lengths=_gather(jnp.concatenate([carry.finished_lengths, lengths], 1), best),

@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
+from flaxauto.generation.outputs import new_record, record
 from flaxauto.generation.processors import (
     History,
     eos_mask,
@@ -29,14 +30,15 @@ class _Carry:
     seen: Array | None  # [B, V] bool: tokens the repetition penalty applies to
     key: Array
     step: Array  # [] int32: tokens generated so far
-    scores: Array | None  # [S - P, B, V] float32: each step's processed scores (output_scores)
+    record: dict | None  # [S - P, B, V] buffers: each step's scores and/or logits
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "plan", "cache_length"))
 def decode(graphdef, plan: Plan, cache_length: int, state, ids, mask, scalars, key):
     """ids, mask [B, P] (left-padded to the bucket P); scalars: prompt length as the caller sees
-    it, max_length, min_length. Returns tokens [B, S], the number of tokens generated and, under
-    plan.output_scores, each step's processed scores [S - P, B, V] (else None)."""
+    it, max_length, min_length. Returns tokens [B, S], the number of tokens generated and the
+    record: under plan.output_scores / output_logits each step's processed scores / raw logits
+    ([S - P, B, V] under "scores" / "logits"), else None."""
     prompt_length, max_length = scalars[0], scalars[1]
     model = nnx.merge(graphdef, state)
     model.eval()
@@ -51,9 +53,7 @@ def decode(graphdef, plan: Plan, cache_length: int, state, ids, mask, scalars, k
         seen=prompt_tokens(ids, mask, logits.shape[-1]) if plan.repetition_penalty != 1 else None,
         key=key,
         step=jnp.zeros((), jnp.int32),
-        scores=(
-            jnp.zeros((steps, batch, logits.shape[-1]), jnp.float32) if plan.output_scores else None
-        ),
+        record=new_record(plan.output_scores, plan.output_logits, steps, batch, logits.shape[-1]),
     )
 
     def choose(carry: _Carry, logits) -> _Carry:
@@ -68,7 +68,7 @@ def decode(graphdef, plan: Plan, cache_length: int, state, ids, mask, scalars, k
         return choose(carry.replace(decoding=decoding), logits)
 
     carry = jax.lax.while_loop(more, step, choose(carry, logits))
-    return carry.tokens, carry.step, carry.scores
+    return carry.tokens, carry.step, carry.record
 
 
 def _choose(plan: Plan, carry: _Carry, logits, prompt_bucket: int, scalars) -> _Carry:
@@ -101,14 +101,12 @@ def _choose(plan: Plan, carry: _Carry, logits, prompt_bucket: int, scalars) -> _
     seen = carry.seen
     if seen is not None:
         seen = seen.at[jnp.arange(token.shape[0]), token].set(True)
-    recorded = carry.scores
-    if recorded is not None:  # transformers keeps the scores the token was chosen from
-        recorded = jax.lax.dynamic_update_index_in_dim(recorded, scores, carry.step, 0)
     return carry.replace(
         tokens=jax.lax.dynamic_update_slice(carry.tokens, token[:, None], (0, end)),
         unfinished=unfinished,
         seen=seen,
         key=key,
         step=carry.step + 1,
-        scores=recorded,
+        # transformers keeps the scores the token was chosen from, and the raw logits
+        record=record(carry.record, carry.step, scores=scores, logits=logits),
     )

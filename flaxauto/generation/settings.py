@@ -42,7 +42,6 @@ _INACTIVE = {
     "assistant_early_exit": (None,),
     "use_mtp": (None, False),
     "low_memory": (None, False),
-    "output_logits": (None, False),
     "output_attentions": (None, False),
     "output_hidden_states": (None, False),
 }
@@ -66,6 +65,8 @@ class Plan:
     suppress_tokens: tuple[int, ...] = ()
     begin_suppress_tokens: tuple[int, ...] = ()
     output_scores: bool = False  # keep each step's processed scores (return_dict_in_generate)
+    output_logits: bool = False  # keep each step's raw logits (return_dict_in_generate)
+    beam_indices: bool = False  # beam search: keep the beam of each token (return_dict_in_generate)
 
 
 def resolve_generation_config(model, generation_config=None, **kwargs):
@@ -148,6 +149,8 @@ def plan(config) -> Plan:
         suppress_tokens=_token_ids(config.suppress_tokens),
         begin_suppress_tokens=_token_ids(config.begin_suppress_tokens),
         output_scores=bool(config.return_dict_in_generate and config.output_scores),
+        output_logits=bool(config.return_dict_in_generate and config.output_logits),
+        beam_indices=bool(config.return_dict_in_generate and (config.num_beams or 1) > 1),
     )
 
 
