@@ -248,8 +248,10 @@ def test_every_setting_at_once_when_sampling(pair):
     np.testing.assert_array_equal(np.asarray(ours), theirs)
 
 
-@pytest.mark.parametrize("name", [*SETTINGS, "all"])
-def test_beam_search_with_each_setting(pair, name):
+@pytest.mark.parametrize("name", ["no_repeat_ngram_size", "all"])
+def test_beam_search_with_the_settings(pair, name):
+    """The processors are the greedy ones; what beam search adds is the history they read (each
+    beam's tokens, reordered with the beams): the n-gram ban reads most of it."""
     reference, model, ids, mask, free = pair
     setting = all_settings(free) if name == "all" else settings_for(name, free)
     setting = dict(setting, num_beams=3, max_new_tokens=NEW_TOKENS, eos_token_id=2)
