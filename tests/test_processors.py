@@ -52,7 +52,7 @@ def assert_same_scores(ours, theirs):
     np.testing.assert_array_equal(ours[finite], theirs[finite])
 
 
-@pytest.mark.parametrize("size", [1, 2, 3, LENGTH, LENGTH + 1])
+@pytest.mark.parametrize("size", [1, 2, 3, LENGTH, LENGTH + 1, BEFORE + LENGTH + AFTER + 1])
 def test_no_repeat_ngram_bans_what_transformers_bans(size):
     ids, scores, buffer, first, end = histories()
     ours = processors.no_repeat_ngram(jnp.asarray(scores), buffer, first, end, size)

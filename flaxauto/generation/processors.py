@@ -75,6 +75,8 @@ def no_repeat_ngram(scores, tokens, first, end, size: int) -> Array:
     already in the row (prompt included). tokens [R, S]; the row is columns [first, end)."""
     rows, width = tokens.shape
     vocab = scores.shape[-1]
+    if size > width:  # no row is that long: nothing to ban, as in transformers
+        return scores
     padded = jnp.pad(tokens, ((0, 0), (0, size - 1)))
     shifted = [padded[:, j : j + width] for j in range(size)]  # shifted[j][:, s] = token s + j
     starts = jnp.arange(width, dtype=jnp.int32)[None, :]  # [1, S]
