@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from flaxauto import config_checks, inputs, layers, registry
+from flaxauto import config_checks, decoding, inputs, layers, registry
 from flaxauto.converters.errors import CheckpointError
 from flaxauto.converters.files import open_tensors, resolve_checkpoint, save_safetensors
 from flaxauto.converters.layout import export_tensors, initial_value, parameter_slots
@@ -124,6 +124,34 @@ class Model(nnx.Module):
         return generation.generate(
             self, input_ids, attention_mask, generation_config=generation_config, key=key, **kw
         )
+
+    # The decoding protocol (see flaxauto.decoding), served by a generative head.
+
+    def can_generate(self) -> bool:
+        return isinstance(self.head, decoding.DecodingHead)
+
+    def _decoding_head(self) -> decoding.DecodingHead:
+        if not self.can_generate():
+            raise TypeError(
+                f"{self.config.model_type} ({self.task}) does not generate: its head does not "
+                "implement the decoding protocol (a causal LM does)"
+            )
+        return self.head
+
+    def start(self, prompt_ids, prompt_mask, *, cache_length: int, **encoder_inputs):
+        """prompt_ids, prompt_mask [B, P] -> (DecodingState, next-token logits [B, V]); the
+        cache holds cache_length tokens (and is sharded on the mesh the model was loaded onto)."""
+        head = self._decoding_head()
+        cache = self.init_cache(prompt_ids.shape[0], cache_length)
+        return head.start(self.backbone, prompt_ids, prompt_mask, cache=cache, **encoder_inputs)
+
+    def step(self, state: decoding.DecodingState, tokens):
+        """One token per row (tokens [R]) -> (DecodingState, next-token logits [R, V])."""
+        return self._decoding_head().step(self.backbone, state, tokens)
+
+    def reorder(self, state: decoding.DecodingState, rows) -> decoding.DecodingState:
+        """Row i of the new state is row rows[i] of `state` (rows [R'] int32)."""
+        return state.reorder(rows)
 
     def num_parameters(self) -> int:
         return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(self, nnx.Param)))
