@@ -198,6 +198,7 @@ register(
     backbone=BertModel,
     base_model_prefix="bert",
     optional_modules=("pooler",),
+    ignored=("embeddings.position_ids", "embeddings.token_type_ids"),
     heads={
         **COMMON_HEADS,
         "sequence-classification": HeadSpec(

@@ -130,6 +130,7 @@ register(
     model_types=("distilbert",),
     backbone=DistilBertModel,
     base_model_prefix="distilbert",
+    ignored=("embeddings.position_ids",),
     heads={
         "base": HeadSpec(None),
         "sequence-classification": HeadSpec(

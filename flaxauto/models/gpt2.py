@@ -155,6 +155,7 @@ register(
     model_types=("gpt2",),
     backbone=GPT2Model,
     base_model_prefix="transformer",
+    ignored=("attn.bias", "attn.masked_bias"),  # causal masks older transformers saved
     heads={
         "base": HeadSpec(None),
         "causal-lm": HeadSpec(CausalLMHead),

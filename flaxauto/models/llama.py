@@ -222,17 +222,27 @@ def heads(question_answering_prefix: str | None = None) -> dict[str, HeadSpec]:
 
 
 # Llama's and Qwen2's ForQuestionAnswering keep the backbone under "transformer" (as older
-# checkpoints did); Mistral's under "model".
+# checkpoints did); Mistral's under "model". Checkpoints written by transformers before 4.31
+# carry each layer's rotary inverse frequencies (recomputed from the config, never loaded).
+IGNORED = ("rotary_emb.inv_freq",)
 register(
     model_types=("llama",),
     backbone=LlamaModel,
     base_model_prefix="model",
     heads=heads("transformer"),
+    ignored=IGNORED,
 )
-register(model_types=("mistral",), backbone=MistralModel, base_model_prefix="model", heads=heads())
+register(
+    model_types=("mistral",),
+    backbone=MistralModel,
+    base_model_prefix="model",
+    heads=heads(),
+    ignored=IGNORED,
+)
 register(
     model_types=("qwen2",),
     backbone=Qwen2Model,
     base_model_prefix="model",
     heads=heads("transformer"),
+    ignored=IGNORED,
 )

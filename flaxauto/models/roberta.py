@@ -38,6 +38,7 @@ register(
     backbone=RobertaModel,
     base_model_prefix="roberta",
     optional_modules=("pooler",),
+    ignored=("embeddings.position_ids", "embeddings.token_type_ids"),
     heads={
         **COMMON_HEADS,
         "sequence-classification": HeadSpec(
