@@ -166,7 +166,7 @@ def parameter_slots(model) -> dict[str, Slot]:
     for path, module in modules:
         leaves = next((LAYOUTS[t] for t in type(module).__mro__ if t in LAYOUTS), {})
         for attr, variable in vars(module).items():
-            if not isinstance(variable, PERSISTENT):
+            if not issubclass(type(variable), PERSISTENT):  # (flax's isinstance hook is slow)
                 continue
             leaf = leaves.get(attr, Leaf(attr))
             init = variable.get_metadata("init", None) or leaf.init or _init(attr, leaf.layout)

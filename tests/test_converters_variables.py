@@ -405,6 +405,23 @@ def test_conv_net_saves_bit_exact_into_transformers(toy_conv, tmp_path):
     assert "toy.pos_conv.parametrizations.weight.original0" in original  # the current spelling
 
 
+def test_statistics_and_buffers_load_into_a_mesh_and_shard(toy_conv, tmp_path):
+    reference = _trained(TorchToyConvForImageClassification)
+    reference.save_pretrained(tmp_path)
+    mesh = flaxauto.make_mesh(data=2, fsdp=4)
+    model = flaxauto.AutoModelForImageClassification.from_pretrained(
+        tmp_path, mesh=mesh, rules="fsdp"
+    )
+    for variable in (model.backbone.norm.var, model.backbone.norm.num_batches_tracked):
+        assert variable[...].sharding.mesh == mesh
+    assert model.head.final_logits_bias[...].sharding.mesh == mesh
+    assert max_diff(_logits(model), reference(PIXELS).logits.detach().numpy()) <= 1e-4
+    unsharded = flaxauto.AutoModelForImageClassification.from_pretrained(tmp_path)
+    flaxauto.shard_model(unsharded, mesh, "fsdp")
+    assert unsharded.backbone.norm.mean[...].sharding.mesh == mesh
+    assert unsharded.head.final_logits_bias[...].sharding.mesh == mesh
+
+
 def test_old_weight_norm_spelling_loads(toy_conv, tmp_path):
     reference = _trained(TorchToyConvForImageClassification)
     state = _state(reference)
@@ -695,3 +712,40 @@ def test_the_library_uses_no_private_jax():
     assert sources
     offenders = [str(p) for p in sources if "jax._src" in p.read_text()]
     assert offenders == []
+
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_layer_stacks_keep_batch_statistics_updated_in_training(scan):
+    """run_layers calls each layer on a split copy; the statistics it updates come back."""
+    from flaxauto import stacks
+
+    class Layer(nnx.Module):
+        def __init__(self, index, rngs):
+            self.norm = layers.batch_norm(4, PRECISION, momentum=0.1)
+
+    stack = stacks.layer_stack(Layer, 2, layers.abstract_rngs(), scan=scan)
+    for path, variable in nnx.iter_graph(stack):
+        if isinstance(variable, nnx.Variable):
+            abstract = variable.get_value()
+            fill = np.ones if path[-1] in ("scale", "mean", "var") else np.zeros
+            variable.set_value(jnp.asarray(fill(abstract.shape, abstract.dtype)))
+    stack.train()
+    torch_norms = [nn.BatchNorm1d(4, momentum=0.1) for _ in range(2)]
+    x = torch.randn(3, 5, 4)
+    hidden = x
+    for norm in torch_norms:
+        with torch.no_grad():
+            nn.init.ones_(norm.running_mean)  # as filled above
+            hidden = norm(hidden.transpose(1, 2)).transpose(1, 2)
+    last, *_ = stacks.run_layers(
+        stack, jnp.asarray(x.numpy()), lambda layer, h, _: (layer.norm(h), None, None)
+    )
+    assert max_diff(last, hidden.numpy()) <= 1e-5
+    for index, norm in enumerate(torch_norms):
+        layer = stack.block.norm if scan else stack[index].norm
+        mean, var, count = layer.mean[...], layer.var[...], layer.num_batches_tracked[...]
+        if scan:  # stacked [L, ...]
+            mean, var, count = mean[index], var[index], count[index]
+        assert max_diff(mean, norm.running_mean.numpy()) <= 1e-6
+        assert max_diff(var, norm.running_var.numpy()) <= 1e-6
+        assert int(count) == 1
