@@ -476,6 +476,23 @@ def test_batch_norm_trains_through_the_model_as_torch(toy_conv, tmp_path):
     assert int(model.backbone.norm.num_batches_tracked[...]) == 4
 
 
+def test_from_config_initialises_statistics_and_buffers_as_transformers(toy_conv):
+    torch.manual_seed(0)
+    fresh = TorchToyConvForImageClassification(ToyConvConfig()).state_dict()
+    model = flaxauto.AutoModelForImageClassification.from_config(ToyConvConfig(), seed=0)
+    norm = model.backbone.norm
+    for ours, name in (
+        (norm.scale, "toy.norm.weight"),
+        (norm.bias, "toy.norm.bias"),
+        (norm.mean, "toy.norm.running_mean"),
+        (norm.var, "toy.norm.running_var"),
+        (norm.num_batches_tracked, "toy.norm.num_batches_tracked"),
+        (model.backbone.group_norm.scale, "toy.group_norm.weight"),
+        (model.head.final_logits_bias, "final_logits_bias"),
+    ):
+        assert np.array_equal(np.asarray(ours[...]), fresh[name].numpy()), name
+
+
 def test_an_optimizer_over_params_trains_neither_statistics_nor_buffers(toy_conv):
     model = flaxauto.AutoModelForImageClassification.from_config(ToyConvConfig(), seed=1)
     model.head.final_logits_bias.set_value(jnp.ones((1, 3)))
