@@ -22,6 +22,7 @@ import numpy as np
 import safetensors
 import safetensors.numpy
 
+from flaxauto.converters.buffers import ALIGNMENT, aligned_empty, read_into
 from flaxauto.converters.errors import CheckpointError
 
 SAFE_WEIGHTS = "model.safetensors"
@@ -50,39 +51,77 @@ class Checkpoint:
 
 
 def resolve_checkpoint(
-    name_or_path, *, revision=None, cache_dir=None, token=None, local_files_only=None
+    name_or_path,
+    *,
+    revision=None,
+    cache_dir=None,
+    token=None,
+    local_files_only=None,
+    subfolder: str | None = None,
+    variant: str | None = None,
 ) -> Checkpoint:
-    """Find config and weights in a local directory, or else in a Hugging Face Hub repo."""
+    """Find config and weights in a local directory, or else in a Hugging Face Hub repo.
+
+    subfolder: the checkpoint lies in this folder of the directory or repo. variant: read
+    weights named as transformers names a variant, e.g. "fp16": model.fp16.safetensors,
+    model.safetensors.index.fp16.json, pytorch_model.fp16.bin (and only those)."""
     text = os.fspath(name_or_path)
     path = Path(text).expanduser().absolute()
     if path.is_dir():
-        return _locate(lambda name: path / name if (path / name).is_file() else None, str(path))
+        folder = path / subfolder if subfolder else path
+        if not folder.is_dir():
+            raise CheckpointError(f"{path}: no subfolder {subfolder!r}")
+
+        def fetch(name: str) -> Path | None:
+            return folder / name if (folder / name).is_file() else None
+
+        return _locate(fetch, str(folder), variant=variant)
     looks_local = os.path.isabs(text) or os.path.exists(text) or text.startswith(_LOCAL_PREFIXES)
     if looks_local or isinstance(name_or_path, os.PathLike):
         raise CheckpointError(f"{text}: no such directory (expected a checkpoint folder)")
-    return _resolve_from_hub(text, revision, cache_dir, token, local_files_only)
+    return _resolve_from_hub(
+        text, revision, cache_dir, token, local_files_only, subfolder=subfolder, variant=variant
+    )
 
 
-def _locate(fetch: Callable[[str], Path | None], where: str, hint: str = "") -> Checkpoint:
+def variant_name(name: str, variant: str | None) -> str:
+    """transformers' name for a variant of a weights file: model.safetensors -> model.fp16.
+    safetensors, model.safetensors.index.json -> model.safetensors.index.fp16.json."""
+    if not variant:
+        return name
+    stem, extension = name.rsplit(".", 1)
+    return f"{stem}.{variant}.{extension}"
+
+
+def _locate(
+    fetch: Callable[[str], Path | None], where: str, hint: str = "", variant: str | None = None
+) -> Checkpoint:
     """Pick config and weights; `fetch(name)` gives a file's local path, or None if it is absent."""
     config = fetch(CONFIG)
     if config is None:
         raise CheckpointError(f"{where}: no {CONFIG} found{hint}")
-    for name in _WEIGHT_NAMES:
-        if (weights := fetch(name)) is not None:
-            break
-    else:
-        raise CheckpointError(f"{where}: no weights; looked for {', '.join(_WEIGHT_NAMES)}{hint}")
-    weight_map = _read_index(weights, fetch) if name.endswith(".index.json") else None
+    found = _first_weights(fetch, variant)
+    if found is None:
+        names = ", ".join(variant_name(name, variant) for name in _WEIGHT_NAMES)
+        raise CheckpointError(f"{where}: no weights; looked for {names}{hint}")
+    kind, weights = found  # kind: the file's name without the variant
+    weight_map = _read_index(weights, fetch) if kind.endswith(".index.json") else None
     return Checkpoint(
         directory=config.parent,
         config_path=config,
-        format="safetensors" if name.startswith(SAFE_WEIGHTS) else "bin",
+        format="safetensors" if kind.startswith(SAFE_WEIGHTS) else "bin",
         # Shard names carry their number: sorted, they come in the order they were written.
         weight_files=(weights,) if weight_map is None else tuple(sorted({*weight_map.values()})),
         weight_map=weight_map,
         generation_config_path=fetch(GENERATION_CONFIG),
     )
+
+
+def _first_weights(fetch, variant) -> tuple[str, Path] | None:
+    for kind in _WEIGHT_NAMES:
+        if (weights := fetch(variant_name(kind, variant))) is not None:
+            return kind, weights
+    return None
 
 
 def _read_index(index_path: Path, fetch: Callable[[str], Path | None]) -> dict[str, Path]:
@@ -102,14 +141,19 @@ def _read_index(index_path: Path, fetch: Callable[[str], Path | None]) -> dict[s
     return {key: shards[name] for key, name in weight_map.items()}
 
 
-def _resolve_from_hub(repo_id, revision, cache_dir, token, local_files_only) -> Checkpoint:
+def _resolve_from_hub(
+    repo_id, revision, cache_dir, token, local_files_only, *, subfolder=None, variant=None
+) -> Checkpoint:
     from huggingface_hub import constants, errors, hf_hub_download
 
     offline = _offline_from_env() if local_files_only is None else bool(local_files_only)
     where = f"Hub repo {repo_id!r}" + (f" at revision {revision!r}" if revision else "")
+    where += f", subfolder {subfolder!r}" if subfolder else ""
     cache = cache_dir or constants.HF_HUB_CACHE
     hint = f" (offline: looked only in the Hugging Face cache {cache})" if offline else ""
     options = dict(revision=revision, cache_dir=cache_dir, token=token, local_files_only=offline)
+    if subfolder:
+        options["subfolder"] = subfolder
 
     def fetch(name: str) -> Path | None:
         try:
@@ -126,7 +170,7 @@ def _resolve_from_hub(repo_id, revision, cache_dir, token, local_files_only) -> 
         except (errors.HFValidationError, errors.HfHubHTTPError, OSError) as e:
             raise CheckpointError(f"{where}: cannot get {name}: {_line(e)}") from e
 
-    return _locate(fetch, where, hint)
+    return _locate(fetch, where, hint, variant)
 
 
 def _offline_from_env() -> bool:
@@ -215,38 +259,13 @@ def _safetensors_offsets(file) -> dict[str, tuple[int, int]]:
     }
 
 
-def read_into(file, offset: int, array: np.ndarray, path) -> None:
-    """Fill `array` (C-ordered) with the file's bytes from `offset`: straight into its memory."""
-    view = memoryview(array.reshape(-1).view(np.uint8))
-    file.seek(offset)
-    done = 0
-    while done < len(view):
-        got = file.readinto(view[done:])
-        if not got:
-            raise CheckpointError(f"{path}: ends inside a tensor; the file is truncated")
-        done += got
-
-
-# XLA's CPU client adopts a host buffer aligned to this many bytes instead of copying it.
-_ALIGNMENT = 64
-
-
-def aligned_empty(shape: tuple[int, ...], dtype) -> np.ndarray:
-    """An uninitialised C-ordered array whose data starts on a 64-byte boundary."""
-    dtype = np.dtype(dtype)
-    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-    raw = np.empty(nbytes + _ALIGNMENT, np.uint8)
-    start = -raw.ctypes.data % _ALIGNMENT
-    return raw[start : start + nbytes].view(dtype).reshape(shape)
-
-
 def arrange(array: np.ndarray, axes: tuple[int, ...], dtype) -> np.ndarray:
     """`array.transpose(axes).astype(dtype)` as a C-ordered, 64-byte aligned array, copying at
     most once (not at all when `array` already is that): jax.device_put on CPU then takes the
     buffer as it is, so a tensor is copied once between the file and the device array."""
     moved = np.transpose(array, axes)
     dtype = np.dtype(dtype)
-    aligned = moved.ctypes.data % _ALIGNMENT == 0
+    aligned = moved.ctypes.data % ALIGNMENT == 0
     if moved.dtype == dtype and moved.flags.c_contiguous and aligned:
         return moved
     out = aligned_empty(moved.shape, dtype)

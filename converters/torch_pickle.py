@@ -22,8 +22,8 @@ from typing import Any, NamedTuple
 import ml_dtypes
 import numpy as np
 
+from .buffers import aligned_empty, read_into
 from .errors import CheckpointError, UnsafeCheckpointError
-from .files import aligned_empty, read_into
 
 # Tables are laid out by hand, hence no formatter.
 # fmt: off

@@ -25,7 +25,7 @@ from flaxauto.auto import (
 from flaxauto.converters.errors import CheckpointError, UnsafeCheckpointError
 from flaxauto.modeling import Model
 from flaxauto.registry import AUTO_CLASS_TASKS, ConfigAttr, HeadSpec, register, supported
-from flaxauto.sharding import make_mesh, shard_batch, shard_model
+from flaxauto.sharding import make_mesh, shard_batch, shard_cache, shard_model
 
 __version__ = "0.1.0"
 
@@ -54,6 +54,7 @@ __all__ = [
     "make_mesh",
     "register",
     "shard_batch",
+    "shard_cache",
     "shard_model",
     "supported",
 ]

@@ -29,8 +29,8 @@ class _AutoClass:
 
         Keywords: dtype (compute), param_dtype (storage), mesh and rules (place each tensor in its
         shards as it is read), ignore_mismatched_sizes, output_loading_info, progress, seed,
-        revision / cache_dir / token / local_files_only (hub), and config overrides such as
-        num_labels, id2label, problem_type.
+        revision / cache_dir / token / local_files_only (hub), subfolder, variant, and config
+        overrides such as num_labels, id2label, problem_type. Any other keyword raises.
         """
         return modeling.from_pretrained(name_or_path, cls.task, **kwargs)
 

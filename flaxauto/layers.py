@@ -20,12 +20,44 @@ from flax import nnx
 Array = jax.Array
 
 
+#: Attention implementations: "eager" computes scores and softmax in float32 as transformers'
+#: eager attention does (its numbers on CPU); "fused" goes through jax.nn.dot_product_attention
+#: (cuDNN flash attention on GPU in bf16/fp16, XLA's own kernel otherwise).
+ATTENTION_IMPLEMENTATIONS = ("eager", "fused")
+
+
 @dataclass(frozen=True)
 class Precision:
-    """Compute dtype (activations, matmuls) and storage dtype (parameters), as in Flax."""
+    """How the model computes, fixed when it is built: compute dtype (activations, matmuls),
+    storage dtype (parameters), as in Flax, and the attention implementation (one of
+    ATTENTION_IMPLEMENTATIONS; see `attention_implementation` for the automatic choice)."""
 
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
+    attention: str = "eager"
+
+    def __post_init__(self):
+        if self.attention not in ATTENTION_IMPLEMENTATIONS:
+            raise NotImplementedError(
+                f"attention implementation {self.attention!r} is not implemented; "
+                f"supported: {ATTENTION_IMPLEMENTATIONS}"
+            )
+
+
+def attention_implementation(requested: str | None = None, backend: str | None = None) -> str:
+    """The implementation a model option asks for; None chooses by platform: "eager" on CPU,
+    where it gives transformers' numbers and XLA:CPU has no faster kernel, "fused" on GPU/TPU.
+    transformers' own name "sdpa" (PyTorch's fused kernel) means "fused" here."""
+    if requested is None:
+        return "eager" if (backend or jax.default_backend()) == "cpu" else "fused"
+    if requested == "sdpa":
+        return "fused"
+    if requested not in ATTENTION_IMPLEMENTATIONS:
+        raise NotImplementedError(
+            f"attn_implementation={requested!r} is not implemented; supported: "
+            f'{ATTENTION_IMPLEMENTATIONS} ("sdpa" means "fused"), or None for the platform\'s'
+        )
+    return requested
 
 
 def _axes(*names: str | None) -> dict:
@@ -266,45 +298,161 @@ def padding_bias(attention_mask: Array | None, dtype=jnp.float32) -> Array | Non
 def dot_product_attention(
     query: Array,  # [B, T, H, D]
     key: Array,  # [B, S, K, D], K divides H (K < H: grouped- or multi-query attention)
-    value: Array,  # [B, S, K, D]
-    bias: Array | None,  # [B, 1, T or 1, S]: the same for every head
+    value: Array,  # [B, S, K, Dv]
+    bias: Array | None = None,  # [B|1, 1, T|1, S]: padding / causal mask as an additive bias
     probs_dropout: nnx.Dropout | None = None,
     *,
-    scale: float | None = None,  # default 1/sqrt(D)
-) -> tuple[Array, Array]:
-    """Softmax attention; scores and softmax in float32 whatever the compute dtype.
+    head_bias: Array | None = None,  # [B|1, H|1, T|1, S]: e.g. T5's relative position bias
+    scale: float | None = None,  # default 1/sqrt(D); T5 uses 1.0
+    implementation: str = "eager",
+    output_attentions: bool = False,
+) -> tuple[Array, Array | None]:
+    """Softmax attention: the one primitive every family's attention ends in.
 
-    Each group of H/K query heads shares one key/value head; the keys are never repeated in
-    memory (decoding reads the KV cache once per step). Returns the context [B, T, H, D] and the
-    attention probabilities [B, H, T, S].
+    Returns the context [B, T, H, Dv] and the attention probabilities [B, H, T, S] (None from
+    the fused path). Both biases are added to the scaled scores (a row whose every slot is
+    masked becomes uniform, as in transformers' eager attention). The fused path cannot return
+    probabilities nor drop them out, so output_attentions or active dropout take the eager one.
     """
+    scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else scale
+    dropout_active = probs_dropout is not None and _dropout_active(probs_dropout)
+    if implementation == "fused" and not (output_attentions or dropout_active):
+        return _fused_attention(query, key, value, _sum_biases(bias, head_bias), scale), None
+    if implementation not in ATTENTION_IMPLEMENTATIONS:
+        raise NotImplementedError(f"attention implementation {implementation!r}")
+    return _eager_attention(query, key, value, bias, head_bias, probs_dropout, scale)
+
+
+def _eager_attention(query, key, value, bias, head_bias, probs_dropout, scale):
+    """Scores and softmax in float32 whatever the compute dtype. Each group of H/K query heads
+    shares one key/value head; the keys are never repeated in memory (decoding reads the KV
+    cache once per step)."""
     batch, length, heads, depth = query.shape
     kv_heads = key.shape[2]
-    scale = 1.0 / math.sqrt(depth) if scale is None else scale
     grouped = query.reshape(batch, length, kv_heads, heads // kv_heads, depth)  # [B, T, K, G, D]
     scores = jnp.einsum("btkgd,bskd->bkgts", grouped, key, preferred_element_type=jnp.float32)
     scores = scores * scale
-    if bias is not None:
-        scores = scores + bias.astype(jnp.float32)[:, :, None]
+    for extra in (head_bias, bias):  # transformers adds the position bias, then the mask
+        if extra is not None:
+            scores = scores + _grouped_bias(extra.astype(jnp.float32), kv_heads)
     probs = jax.nn.softmax(scores, axis=-1)  # [B, K, G, T, S]
     weights = probs if probs_dropout is None else probs_dropout(probs)
     context = jnp.einsum("bkgts,bskd->btkgd", weights.astype(value.dtype), value)
     probs = probs.reshape(batch, heads, length, key.shape[1])
-    return context.reshape(batch, length, heads, depth), probs
+    return context.reshape(batch, length, heads, value.shape[-1]), probs
 
 
-def qkv_projections(hidden: int, precision: Precision, rngs: nnx.Rngs):
-    """Query, key and value projections [E] -> [H*D] (named by the family that holds them)."""
-    return tuple(linear(hidden, hidden, ("embed", "heads"), precision, rngs) for _ in range(3))
+def _grouped_bias(bias: Array, kv_heads: int) -> Array:
+    """[B|1, H|1, T|1, S] -> [B|1, K|1, G|1, T|1, S], the grouped layout of the scores."""
+    if bias.ndim != 4:
+        raise ValueError(f"an attention bias is [B|1, H|1, T|1, S], got shape {bias.shape}")
+    if bias.shape[1] == 1:
+        return bias[:, :, None]
+    return bias.reshape(bias.shape[0], kv_heads, bias.shape[1] // kv_heads, *bias.shape[2:])
 
 
-def self_attention(projections, hidden_states, bias, num_heads: int, probs_dropout):
-    """Multi-head self-attention over [B, T, E] with the given (query, key, value) projections.
+def _sum_biases(bias: Array | None, head_bias: Array | None) -> Array | None:
+    if bias is None or head_bias is None:
+        return head_bias if bias is None else bias
+    return head_bias.astype(jnp.float32) + bias.astype(jnp.float32)
 
-    Returns the merged context [B, T, H*D] (before any output projection) and the probabilities.
-    """
-    q, k, v = (split_heads(proj(hidden_states), num_heads) for proj in projections)
-    context, probs = dot_product_attention(q, k, v, bias, probs_dropout)  # [B, T, H, D]
+
+def _fused_attention(query, key, value, bias, scale: float) -> Array:
+    """jax.nn.dot_product_attention: cuDNN's flash attention on GPU where it takes the shapes
+    and dtype (bf16/fp16 only), XLA's kernel otherwise (jax's own default, implementation=None,
+    is always XLA today, so the cuDNN kernel is asked for by name)."""
+    key, value = key.astype(query.dtype), value.astype(query.dtype)
+    if jax.default_backend() == "gpu" and query.dtype in (jnp.bfloat16, jnp.float16):
+        try:
+            return jax.nn.dot_product_attention(
+                query, key, value, _bias_in(bias, query.dtype, query.shape[1]), scale=scale,
+                implementation="cudnn",
+            )  # fmt: skip
+        except (ValueError, NotImplementedError, RuntimeError):
+            pass  # a shape, layout or cuDNN version it refuses: XLA's kernel below
+    return jax.nn.dot_product_attention(
+        query, key, value, None if bias is None else bias.astype(jnp.float32), scale=scale,
+        implementation="xla",
+    )  # fmt: skip
+
+
+def _bias_in(bias: Array | None, dtype, length: int) -> Array | None:
+    """The bias as cuDNN takes it: [B|1, H|1, T, S] (it refuses a query axis of 1, e.g. a
+    padding bias [B, 1, 1, S]), in the half dtype, clipped to that dtype's min first: float32's
+    min rounds to -inf there, and a row with nothing to attend would become NaN."""
+    if bias is None:
+        return None
+    bias = jnp.broadcast_to(bias, (*bias.shape[:2], length, bias.shape[-1]))
+    return jnp.maximum(bias, jnp.finfo(dtype).min).astype(dtype)
+
+
+def _dropout_active(dropout: nnx.Dropout) -> bool:
+    return not dropout.deterministic and dropout.rate > 0
+
+
+def qkv_projections(hidden: int, precision: Precision, rngs: nnx.Rngs, inner: int | None = None):
+    """Query, key and value projections [E] -> [H*D] (inner = H*D, default E; named by the
+    family that holds them)."""
+    inner = hidden if inner is None else inner
+    return tuple(linear(hidden, inner, ("embed", "heads"), precision, rngs) for _ in range(3))
+
+
+def attention_heads(
+    projections,
+    hidden_states: Array,  # [B, T, E]: the queries' source
+    key_value_states: Array | None = None,  # [B, S, E']: cross attention; None: self attention
+    *,
+    num_heads: int,
+    num_kv_heads: int | None = None,
+    query_positions: Array | None = None,  # [B|1, T, E]
+    key_positions: Array | None = None,  # [B|1, S, E']
+) -> tuple[Array, Array, Array]:
+    """(query, key, value) projections -> q [B, T, H, D], k, v [B, S, K, D].
+
+    Positions (DETR's) are added to the sources of the queries and keys, never of the values.
+    The head width D is each projection's width over its heads, so inner_dim = H*D may differ
+    from the hidden size (T5's d_kv)."""
+    q_proj, k_proj, v_proj = projections
+    source = hidden_states if key_value_states is None else key_value_states
+    if key_value_states is None and key_positions is None:
+        key_positions = query_positions
+    query_source = hidden_states if query_positions is None else hidden_states + query_positions
+    key_source = source if key_positions is None else source + key_positions
+    kv_heads = num_heads if num_kv_heads is None else num_kv_heads
+    return (
+        split_heads(q_proj(query_source), num_heads),
+        split_heads(k_proj(key_source), kv_heads),
+        split_heads(v_proj(source), kv_heads),
+    )
+
+
+def attend(
+    projections,
+    hidden_states: Array,  # [B, T, E]
+    key_value_states: Array | None = None,  # [B, S, E'] for cross attention
+    *,
+    num_heads: int,
+    num_kv_heads: int | None = None,
+    bias: Array | None = None,  # [B|1, 1, T|1, S]
+    head_bias: Array | None = None,  # [B|1, H|1, T|1, S]
+    query_positions: Array | None = None,
+    key_positions: Array | None = None,
+    scale: float | None = None,
+    dropout: nnx.Dropout | None = None,
+    implementation: str = "eager",
+    output_attentions: bool = False,
+) -> tuple[Array, Array | None]:
+    """Multi-head attention from projections to the merged context [B, T, H*D] (before any
+    output projection) and the probabilities [B, H, T, S] (None on the fused path): self or
+    cross attention, grouped heads, per-head bias, q/k-only positions (see attention_heads)."""
+    q, k, v = attention_heads(
+        projections, hidden_states, key_value_states, num_heads=num_heads,
+        num_kv_heads=num_kv_heads, query_positions=query_positions, key_positions=key_positions,
+    )  # fmt: skip
+    context, probs = dot_product_attention(
+        q, k, v, bias, dropout, head_bias=head_bias, scale=scale,
+        implementation=implementation, output_attentions=output_attentions,
+    )  # fmt: skip
     return merge_heads(context), probs
 
 

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from flaxauto import layers, registry
+from flaxauto import config_checks, decoding, inputs, layers, registry
 from flaxauto.converters.errors import CheckpointError
 from flaxauto.converters.files import open_tensors, resolve_checkpoint, save_safetensors
 from flaxauto.converters.layout import export_tensors, initial_value, parameter_slots
@@ -59,6 +59,9 @@ class Model(nnx.Module):
         remat: bool = False,
     ):
         family, spec = registry.lookup(config.model_type, task)
+        config_checks.check_config_attributes(
+            config, family.config_attributes, f"model_type {config.model_type!r}"
+        )
         self.static = _Static(config=config, family=family, head_spec=spec, task=task)
         backbone_options = registry.resolve_options(spec.backbone_options, config)
         backbone_options |= _execution_options(family, scan_layers=scan_layers, remat=remat)
@@ -74,27 +77,33 @@ class Model(nnx.Module):
     head_spec = property(lambda self: self.static.head_spec)
     task = property(lambda self: self.static.task)
 
-    def __call__(self, *args, **inputs):
+    def __call__(self, *args, **kwargs):
+        """Keywords are the backbone's declared inputs and flags and the head's labels (see
+        flaxauto.inputs); the main input (input_ids, pixel_values, ...) may come first by
+        position."""
         if len(args) > 1:
             raise TypeError("pass inputs by name, e.g. model(input_ids, attention_mask=mask)")
         if args:
-            inputs[self.family.main_input_name] = args[0]
-        # flags and the KV cache (a pytree, not an array) go to the backbone as they are
-        passed = ("output_hidden_states", "output_attentions", "cache")
-        flags = {k: inputs.pop(k) for k in passed if k in inputs}
-        inputs = {k: None if v is None else jnp.asarray(v) for k, v in inputs.items()}
+            main = self.family.main_input_name
+            if main in kwargs:
+                raise TypeError(f"got {main} both by position and by name")
+            kwargs[main] = args[0]
+        call = inputs.sort_inputs(kwargs, self.backbone, self.head, self.config)
         if self.head is None:
-            return self.backbone(**inputs, **flags)
-        labels = {k: inputs.pop(k) for k in self.head.label_names if k in inputs}
-        features = self.backbone(**self.head.prepare_inputs(inputs), **flags)
-        return self.head(features, backbone=self.backbone, inputs=inputs, **labels)
+            return self.backbone(**call.data, **call.flags)
+        features = self.backbone(**self.head.prepare_inputs(call.data, call.labels), **call.flags)
+        head_inputs = call.data | call.head_inputs
+        return self.head(features, backbone=self.backbone, inputs=head_inputs, **call.labels)
 
-    def init_cache(self, batch_size: int, max_length: int, dtype=None):
+    def init_cache(self, batch_size: int, max_length: int, dtype=None, *, mesh=None, rules=None):
         """An empty KV cache of `max_length` slots (decoder families), for model(..., cache=):
-        see flaxauto.decoder."""
+        see flaxauto.decoder. On `mesh` (default: the one the model was loaded onto) its arrays
+        are sharded by their logical axes and `rules`."""
         if not hasattr(self.backbone, "init_cache"):
             raise TypeError(f"{self.config.model_type} models take no KV cache")
-        return self.backbone.init_cache(batch_size, max_length, dtype)
+        if mesh is None:
+            mesh, rules = getattr(self.static, "placement", (None, None))
+        return self.backbone.init_cache(batch_size, max_length, dtype, mesh=mesh, rules=rules)
 
     @property
     def generation_config(self):
@@ -115,6 +124,34 @@ class Model(nnx.Module):
         return generation.generate(
             self, input_ids, attention_mask, generation_config=generation_config, key=key, **kw
         )
+
+    # The decoding protocol (see flaxauto.decoding), served by a generative head.
+
+    def can_generate(self) -> bool:
+        return isinstance(self.head, decoding.DecodingHead)
+
+    def _decoding_head(self) -> decoding.DecodingHead:
+        if not self.can_generate():
+            raise TypeError(
+                f"{self.config.model_type} ({self.task}) does not generate: its head does not "
+                "implement the decoding protocol (a causal LM does)"
+            )
+        return self.head
+
+    def start(self, prompt_ids, prompt_mask, *, cache_length: int, **encoder_inputs):
+        """prompt_ids, prompt_mask [B, P] -> (DecodingState, next-token logits [B, V]); the
+        cache holds cache_length tokens (and is sharded on the mesh the model was loaded onto)."""
+        head = self._decoding_head()
+        cache = self.init_cache(prompt_ids.shape[0], cache_length)
+        return head.start(self.backbone, prompt_ids, prompt_mask, cache=cache, **encoder_inputs)
+
+    def step(self, state: decoding.DecodingState, tokens):
+        """One token per row (tokens [R]) -> (DecodingState, next-token logits [R, V])."""
+        return self._decoding_head().step(self.backbone, state, tokens)
+
+    def reorder(self, state: decoding.DecodingState, rows) -> decoding.DecodingState:
+        """Row i of the new state is row rows[i] of `state` (rows [R'] int32)."""
+        return state.reorder(rows)
 
     def num_parameters(self) -> int:
         return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(self, nnx.Param)))
@@ -144,9 +181,13 @@ class Model(nnx.Module):
         return files
 
 
-def _precision(dtype, param_dtype) -> layers.Precision:
+def _precision(dtype, param_dtype, attn_implementation=None) -> layers.Precision:
     param_dtype = jnp.dtype(param_dtype or jnp.float32)
-    return layers.Precision(dtype=jnp.dtype(dtype or param_dtype), param_dtype=param_dtype)
+    return layers.Precision(
+        dtype=jnp.dtype(dtype or param_dtype),
+        param_dtype=param_dtype,
+        attention=layers.attention_implementation(attn_implementation),
+    )
 
 
 def _execution_options(family, **requested) -> dict:
@@ -227,11 +268,15 @@ def from_config(
     rules=None,
     scan_layers: bool = False,
     remat: bool = False,
+    attn_implementation: str | None = None,
 ):
-    """A randomly initialised model for a transformers config (transformers' init rules)."""
-    precision = _precision(dtype, param_dtype)
+    """A randomly initialised model for a transformers config (transformers' init rules).
+    attn_implementation: "eager", "fused" (jax.nn.dot_product_attention) or None: eager on
+    CPU, fused on GPU/TPU (see layers.attention_implementation)."""
+    precision = _precision(dtype, param_dtype, attn_implementation)
     model = build_abstract(config, task, precision, scan_layers=scan_layers, remat=remat)
     initialize_abstract(model, seed, mesh, rules)
+    model.static.placement = (mesh, rules)  # where init_cache puts a cache by default
     model.eval()
     return model
 
@@ -260,24 +305,33 @@ def from_pretrained(
     seed: int = 0,
     scan_layers: bool = False,
     remat: bool = False,
+    attn_implementation: str | None = None,
     revision: str | None = None,
     cache_dir: str | os.PathLike | None = None,
     token: str | None = None,
     local_files_only: bool | None = None,
+    subfolder: str | None = None,
+    variant: str | None = None,
     **config_overrides,
 ):
     import transformers
 
+    config_overrides = inputs.refuse_loading_keywords(config_overrides)
     checkpoint = resolve_checkpoint(
         name_or_path,
         revision=revision,
         cache_dir=cache_dir,
         token=token,
         local_files_only=local_files_only,
+        subfolder=subfolder,
+        variant=variant,
     )
     registry.lookup(_read_model_type(checkpoint.config_path), task)  # a clear error before any work
-    config = transformers.AutoConfig.from_pretrained(checkpoint.directory, **config_overrides)
-    precision = _precision(dtype, param_dtype)
+    config, unused = transformers.AutoConfig.from_pretrained(
+        checkpoint.directory, return_unused_kwargs=True, **config_overrides
+    )
+    inputs.refuse_unused_config_keywords(unused, config)
+    precision = _precision(dtype, param_dtype, attn_implementation)
     model = build_abstract(config, task, precision, scan_layers=scan_layers, remat=remat)
     if mesh is not None:
         from flaxauto.sharding import resolve_rules
@@ -294,6 +348,7 @@ def from_pretrained(
             where=str(checkpoint.directory),
         )
     initialize_abstract(model, seed, mesh, rules)
+    model.static.placement = (mesh, rules)  # where init_cache puts a cache by default
     _report(model, info)
     model.eval()
     if checkpoint.generation_config_path is not None and task == "causal-lm":

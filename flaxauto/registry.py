@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import importlib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
@@ -124,6 +124,9 @@ class Family:
     #: checkpoint names dropped on load (the end of a name, at a dot): buffers older transformers
     #: versions saved, such as "rotary_emb.inv_freq" or "position_ids"
     ignored: tuple[str, ...] = ()
+    #: config attributes the family implements (flaxauto.config_checks refuses any other set
+    #: away from its default); None: not checked
+    config_attributes: frozenset[str] | None = None
 
 
 _FAMILIES: dict[str, Family] = {}
@@ -140,12 +143,15 @@ def register(
     main_input_name: str = "input_ids",
     ties: Mapping[str, tuple[str, ...]] | Callable | None = None,
     ignored: tuple[str, ...] = (),
+    config_attributes: Iterable[str] | None = None,
     config_class: type | None = None,
     exist_ok: bool = False,
 ) -> Family:
     """Add a family. Code outside flaxauto can call this too; pass `config_class` (a transformers
     PreTrainedConfig subclass) for a model_type transformers itself does not know. A model_type
-    already registered is refused unless exist_ok=True."""
+    already registered is refused unless exist_ok=True. `config_attributes` names the config
+    attributes the family implements; a config that sets any other away from its default is
+    refused when a model is built (see flaxauto.config_checks)."""
     unknown = set(heads) - set(TASK_AUTO_CLASSES)
     if unknown:
         raise ValueError(
@@ -161,6 +167,7 @@ def register(
         main_input_name=main_input_name,
         ties=ties if callable(ties) else MappingProxyType(dict(ties or {})),
         ignored=tuple(ignored),
+        config_attributes=None if config_attributes is None else frozenset(config_attributes),
     )
     taken = [t for t in family.model_types if t in _FAMILIES]
     if _importing_builtin:  # a built-in import never replaces what is already registered

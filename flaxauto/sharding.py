@@ -122,6 +122,57 @@ def shard_model(model: nnx.Module, mesh: Mesh, rules: Rules | str | None = None)
     return model
 
 
+#: Mesh axes a batch dimension splits over, in order of preference: the first whose size
+#: divides the batch (the data-parallel axes, fsdp's included: it splits the batch too).
+BATCH_AXES = (("data", "fsdp"), ("data",), ("fsdp",))
+
+
+def cache_partition_spec(
+    logical_axes: Sequence[str], shape: Sequence[int], mesh: Mesh, rules: Rules
+) -> PartitionSpec:
+    """One cache array's PartitionSpec: "batch" over BATCH_AXES, "kv_heads" as the rules split
+    the key/value projections ("kv", so tensor parallelism keeps each head's cache with its
+    weights), any other logical axis ("layers", "cache_seq", ...) by its own rule, if any."""
+    spec: list = []
+    used: set[str] = set()
+    for name, dim in zip(logical_axes, shape, strict=True):
+        if name == "batch":
+            candidates = BATCH_AXES
+        else:
+            target = rules.get("kv" if name == "kv_heads" else name)
+            candidates = ((target,) if isinstance(target, str) else tuple(target or ()),)
+        chosen = None
+        for axes in candidates:
+            axes = tuple(a for a in axes if a in mesh.shape and a not in used)
+            if axes and dim % int(np.prod([mesh.shape[a] for a in axes])) == 0:
+                chosen = axes
+                break
+        if chosen is None:
+            spec.append(None)
+            continue
+        used.update(chosen)
+        spec.append(chosen[0] if len(chosen) == 1 else chosen)
+    return PartitionSpec(*spec)
+
+
+def cache_shardings(cache, mesh: Mesh, rules: Rules | str | None = None):
+    """The cache's structure with a NamedSharding for each array (flaxauto.decoder's caches
+    name every array's logical axes through `map_arrays`): for jax.device_put, jit's
+    out_shardings, or a sharding constraint."""
+    rules = resolve_rules(rules)
+    return cache.map_arrays(
+        lambda x, axes: NamedSharding(mesh, cache_partition_spec(axes, x.shape, mesh, rules))
+    )
+
+
+def shard_cache(cache, mesh: Mesh, rules: Rules | str | None = None):
+    """The cache placed in its shards (a sharding constraint when traced under jit)."""
+    shardings = cache_shardings(cache, mesh, rules)
+    if any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(cache)):
+        return jax.lax.with_sharding_constraint(cache, shardings)
+    return jax.device_put(cache, shardings)
+
+
 def replicate(tree, devices=None):
     """Copy a pytree (e.g. `nnx.state(model)`) onto each local device with a leading device
     axis, for `jax.pmap`."""

@@ -80,7 +80,7 @@ class Encoder(nnx.Module):
         last, all_hidden, all_probs, _ = run_layers(
             self.layer,
             hidden_states,
-            lambda layer, hidden, _: (*layer(hidden, bias), None),
+            lambda layer, hidden, _: (*layer(hidden, bias, output_attentions), None),
             output_hidden_states=output_hidden_states,
             output_attentions=output_attentions,
             remat=self.remat,

@@ -18,14 +18,23 @@ from flaxauto.outputs import BaseModelOutput
 
 
 class Head(nnx.Module):
-    #: keyword inputs the head consumes (the rest go to the backbone)
+    #: the label keywords the head takes (never passed to the backbone)
     label_names: ClassVar[tuple[str, ...]] = ("labels",)
+    #: further keywords the head reads that the backbone does not take (in `inputs`)
+    input_names: ClassVar[tuple[str, ...]] = ()
     #: head-local parameter names transformers ties or never saves; they are ignored on load
     tied_names: tuple[str, ...] = ()
 
-    def prepare_inputs(self, inputs: dict) -> dict:
-        """Reshape the model's inputs for the backbone (multiple choice flattens choices)."""
+    def prepare_inputs(self, inputs: dict, labels: dict) -> dict:
+        """The backbone's inputs from the model's (multiple choice flattens the choices; a
+        seq2seq head builds decoder_input_ids from the labels). `labels` holds the label
+        keywords given, by name."""
         return inputs
+
+    def backbone_flags(self) -> dict[str, bool]:
+        """Backbone flags this head needs whatever the caller asked, e.g.
+        {"output_hidden_states": True} for a weighted sum over the layers."""
+        return {}
 
     def __call__(self, features: BaseModelOutput, *, backbone, inputs: dict, **labels):
         raise NotImplementedError

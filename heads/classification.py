@@ -50,7 +50,7 @@ class MultipleChoiceHead(Head):
     def __init__(self, config, precision, rngs, **projection_options):
         self.classifier = PooledProjection(config, 1, precision, rngs, **projection_options)
 
-    def prepare_inputs(self, inputs):
+    def prepare_inputs(self, inputs, labels):
         return {
             name: None if value is None else _flatten_choices(name, value)
             for name, value in inputs.items()

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from flaxauto import layers, outputs
+from flaxauto.decoding import DecodingHead, DecodingState
 from flaxauto.heads import losses
 from flaxauto.heads.base import Head
 
@@ -68,7 +69,7 @@ class MaskedLMHead(Head):
         )
 
 
-class CausalLMHead(Head):
+class CausalLMHead(Head, DecodingHead):
     """hidden -> lm_head (no bias; with tie_word_embeddings the input embedding matrix, read
     through the backbone's `attend`) -> next-token logits; the loss shifts labels left by one, as
     transformers does, so `labels=input_ids` trains next-token prediction."""
@@ -111,6 +112,35 @@ class CausalLMHead(Head):
             # tokens at batch 1 (measured: all of them, against a fifth in this form)
             return embed.attend(hidden)
         return jax.lax.dot_general(table, hidden, (((1,), (1,)), ((), ()))).T
+
+    def start(self, backbone, prompt_ids, prompt_mask, *, cache, **encoder_inputs):
+        """The decoding protocol (flaxauto.decoding): prefill the prompt [B, P] into the empty
+        `cache` -> (state, logits of the token after the prompt [B, V])."""
+        if encoder_inputs:
+            raise TypeError(
+                f"a causal LM starts from its prompt alone, not {sorted(encoder_inputs)}"
+            )
+        prompt_mask = jnp.asarray(prompt_mask, jnp.int32)
+        # transformers' positions for a left-padded prompt: count real tokens; padding gets 0
+        positions = jnp.where(prompt_mask == 0, 0, jnp.cumsum(prompt_mask, axis=-1) - 1)  # [B, P]
+        out = backbone(
+            input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=positions, cache=cache
+        )
+        logits = self.decode_logits(out.last_hidden_state[:, -1], backbone)  # the last only
+        return DecodingState(cache=out.cache, position=positions[:, -1]), logits
+
+    def step(self, backbone, state: DecodingState, tokens):
+        """The decoding protocol: one token per row (tokens [R]) at the next position ->
+        (state, logits [R, V])."""
+        position = state.position + 1
+        out = backbone(
+            input_ids=tokens[:, None],  # [R, 1]
+            attention_mask=jnp.ones((tokens.shape[0], 1), jnp.int32),
+            position_ids=position[:, None],
+            cache=state.cache,
+        )
+        logits = self.decode_logits(out.last_hidden_state[:, 0], backbone)
+        return state.replace(cache=out.cache, position=position), logits
 
     def __call__(self, features, *, backbone, inputs, labels=None):
         logits = self.logits(features.last_hidden_state, backbone)  # [B, T, V]

@@ -172,7 +172,7 @@ def test_reorder_cache_takes_rows_in_either_layout(pair):
     per_layer = cache.replace(keys=tuple(keys), values=tuple(values), mask=mask)
     stacked = cache.replace(keys=np.stack(keys), values=np.stack(values), mask=mask)
     for layout in (per_layer, stacked):
-        moved = beam_search.reorder_cache(layout, jnp.asarray(rows))
+        moved = layout.reorder(jnp.asarray(rows))
         for layer, (k, v) in enumerate(zip(keys, values, strict=True)):
             np.testing.assert_array_equal(moved.keys[layer], k[rows])
             np.testing.assert_array_equal(moved.values[layer], v[rows])
@@ -194,3 +194,35 @@ def test_unsupported_beam_settings_are_named(pair):
         model.generate(ids, attention_mask=mask, num_beams=2, num_return_sequences=3)
     with pytest.raises(ValueError, match="early_stopping"):  # transformers' own check
         model.generate(ids, attention_mask=mask, num_beams=2, early_stopping="sometimes")
+
+
+@one_family("llama")
+def test_return_dict_in_generate_with_beam_scores(pair):
+    """Each step's processed log-probabilities and raw logits of every running beam, the
+    returned hypotheses' scores and beam indices, as transformers returns them."""
+    settings = dict(
+        pair.settings, num_return_sequences=2, length_penalty=0.7, no_repeat_ngram_size=3,
+        return_dict_in_generate=True, output_scores=True, output_logits=True,
+    )  # fmt: skip
+    with torch.no_grad():
+        theirs = pair.reference.generate(
+            torch.as_tensor(pair.ids), attention_mask=torch.as_tensor(pair.mask),
+            do_sample=False, **settings,
+        )  # fmt: skip
+    ours = pair.model.generate(pair.ids, attention_mask=pair.mask, **settings)
+    np.testing.assert_array_equal(np.asarray(ours.sequences), theirs.sequences.numpy())
+    np.testing.assert_allclose(
+        np.asarray(ours.sequences_scores), theirs.sequences_scores.numpy(), rtol=1e-5, atol=1e-5
+    )
+    np.testing.assert_array_equal(np.asarray(ours.beam_indices), theirs.beam_indices.numpy())
+    assert len(ours.scores) == len(ours.logits) == len(theirs.scores)
+    for step_ours, step_theirs in zip(ours.logits, theirs.logits, strict=True):
+        np.testing.assert_allclose(np.asarray(step_ours), step_theirs.numpy(), atol=1e-4)
+    for step_ours, step_theirs in zip(ours.scores, theirs.scores, strict=True):
+        assert step_ours.shape == (len(pair.ids) * 4, pair.model.config.vocab_size)
+        step_theirs = step_theirs.numpy()
+        np.testing.assert_array_equal(np.isneginf(step_ours), np.isneginf(step_theirs))
+        finite = np.isfinite(step_theirs)
+        np.testing.assert_allclose(
+            np.asarray(step_ours)[finite], step_theirs[finite], rtol=1e-4, atol=1e-4
+        )

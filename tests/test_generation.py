@@ -211,8 +211,8 @@ def test_bfloat16_weights_are_close_and_generate(pair):
 def test_unsupported_settings_are_named(pair):
     model_type, _, model = pair
     ids, mask = prompts(model_type)
-    with pytest.raises(NotImplementedError, match="no_repeat_ngram_size"):
-        model.generate(ids, attention_mask=mask, no_repeat_ngram_size=2)
+    with pytest.raises(NotImplementedError, match="encoder_no_repeat_ngram_size"):
+        model.generate(ids, attention_mask=mask, encoder_no_repeat_ngram_size=2)
     with pytest.raises(TypeError, match="not_a_setting"):
         model.generate(ids, attention_mask=mask, not_a_setting=1)
     with pytest.raises(ValueError, match="max_length"):
@@ -225,3 +225,83 @@ def test_generate_needs_a_causal_lm(pair):
     base = flaxauto.AutoModel.from_config(reference.config)
     with pytest.raises(TypeError, match="causal LM"):
         base.generate(np.ones((1, 3), np.int32))
+
+
+def assert_scores_close(ours, theirs):
+    """Scores of one step [R, V]: the same tokens banned, the rest within fp32 noise."""
+    ours, theirs = np.asarray(ours), theirs.numpy()
+    np.testing.assert_array_equal(np.isneginf(ours), np.isneginf(theirs))
+    finite = np.isfinite(theirs)
+    np.testing.assert_allclose(ours[finite], theirs[finite], rtol=1e-4, atol=1e-4)
+
+
+@one_family("gpt2")
+@pytest.mark.parametrize("sampling", [False, True], ids=["greedy", "sampling"])
+def test_return_dict_in_generate_with_scores_as_transformers(pair, sampling):
+    """The scores each token was chosen from, after the processors (and, sampling, the
+    warpers: top_k=1 keeps transformers' draw deterministic)."""
+    model_type, reference, model = pair
+    ids, mask = prompts(model_type)
+    settings = dict(
+        max_new_tokens=12, no_repeat_ngram_size=2, forced_eos_token_id=5, eos_token_id=2,
+        return_dict_in_generate=True, output_scores=True, output_logits=True,
+    )  # fmt: skip
+    if sampling:
+        settings.update(do_sample=True, top_k=1, temperature=0.5)
+    with torch.no_grad():
+        theirs = reference.generate(
+            torch.as_tensor(ids), attention_mask=torch.as_tensor(mask), **settings
+        )
+    ours = model.generate(ids, attention_mask=mask, **settings)
+    np.testing.assert_array_equal(np.asarray(ours.sequences), theirs.sequences.numpy())
+    assert ours.sequences_scores is None
+    assert len(ours.scores) == len(theirs.scores) == theirs.sequences.shape[1] - ids.shape[1]
+    for step_ours, step_theirs in zip(ours.scores, theirs.scores, strict=True):
+        assert_scores_close(step_ours, step_theirs)
+    for step_ours, step_theirs in zip(ours.logits, theirs.logits, strict=True):  # unprocessed
+        np.testing.assert_allclose(np.asarray(step_ours), step_theirs.numpy(), atol=1e-4)
+    plain = dict(settings, output_scores=False, output_logits=False)
+    without = model.generate(ids, attention_mask=mask, **plain)
+    assert without.scores is None and without.logits is None
+    np.testing.assert_array_equal(np.asarray(without["sequences"]), theirs.sequences.numpy())
+    # output_scores alone changes nothing, as in transformers: token ids come back
+    alone = dict(settings, return_dict_in_generate=False)
+    np.testing.assert_array_equal(
+        np.asarray(model.generate(ids, attention_mask=mask, **alone)), theirs.sequences.numpy()
+    )
+
+
+@one_family("llama")
+def test_the_decoding_protocol_follows_the_full_forward(pair):
+    """start, step and reorder give the logits the whole sequence gives in one forward."""
+    model_type, _, model = pair
+    ids, mask = prompts(model_type)
+    more = np.random.default_rng(0).integers(3, 99, size=(len(ids), 2))
+    whole_ids = np.concatenate([ids, more], axis=1)
+    whole_mask = np.concatenate([mask, np.ones_like(more)], axis=1)
+    positions = np.where(whole_mask == 0, 0, np.cumsum(whole_mask, axis=1) - 1)
+    whole = np.asarray(model(whole_ids, attention_mask=whole_mask, position_ids=positions).logits)
+    prompt = ids.shape[1]
+    state, logits = model.start(ids, mask, cache_length=16)
+    np.testing.assert_allclose(np.asarray(logits), whole[:, prompt - 1], atol=1e-5)
+    state, logits = model.step(state, jnp.asarray(more[:, 0], jnp.int32))
+    np.testing.assert_allclose(np.asarray(logits), whole[:, prompt], atol=1e-5)
+    rows = np.array([3, 1, 1, 0, 2])  # beams: rows repeat, the batch grows
+    state = model.reorder(state, jnp.asarray(rows))
+    state, logits = model.step(state, jnp.asarray(more[rows, 1], jnp.int32))
+    np.testing.assert_allclose(np.asarray(logits), whole[rows, prompt + 1], atol=1e-5)
+
+
+def test_generation_drives_only_the_decoding_protocol():
+    """generation/ reads no backbone, head or cache of the model, so an encoder-decoder that
+    implements the protocol needs no change there."""
+    import ast
+    from pathlib import Path
+
+    from flaxauto import generation
+
+    forbidden = {"backbone", "head", "init_cache", "decode_logits", "cache", "keys", "values"}
+    for path in Path(generation.__file__).parent.glob("*.py"):
+        tree = ast.parse(path.read_text())
+        used = {node.attr for node in ast.walk(tree) if isinstance(node, ast.Attribute)}
+        assert not used & forbidden, f"{path.name} reads {sorted(used & forbidden)}"

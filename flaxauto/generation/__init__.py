@@ -1,16 +1,22 @@
-"""Text generation for causal LMs, as transformers' `generate` computes it, in one compiled program.
+"""Text generation, as transformers' `generate` computes it, in one compiled program.
 
-The program prefills the prompt into a preallocated KV cache, then runs every further step inside
-`lax.while_loop`: no Python between tokens. Shapes are bucketed to powers of two (the prompt is
-left-padded to a bucket, the cache sized to one), so prompts of other lengths and other
-`max_new_tokens` reuse compiled programs. Settings (GenerationConfig) follow transformers'
-precedence: the `generation_config` argument, then the model's (the checkpoint's
-generation_config.json, else its config), then transformers' defaults, then keyword arguments.
+The program drives the model only through the decoding protocol (flaxauto.decoding): `start`
+runs the prompt (prefill), then every further step runs `step` inside `lax.while_loop`, with no
+Python between tokens; beam search follows its beams with `reorder`. Shapes are bucketed to
+powers of two (the prompt is left-padded to a bucket, the cache sized to one), so prompts of
+other lengths and other `max_new_tokens` reuse compiled programs. Settings (GenerationConfig)
+follow transformers' precedence: the `generation_config` argument, then the model's (the
+checkpoint's generation_config.json, else its config), then transformers' defaults, then keyword
+arguments.
 
 Supported: greedy, sampling (temperature, top_k, top_p) and beam search (num_beams, length_penalty,
-early_stopping, num_return_sequences; see flaxauto.generation.beam_search), repetition_penalty, eos_token_id
-(int or list), pad_token_id, max_new_tokens / max_length, min_new_tokens / min_length, left-padded
-batches. Any other active setting raises NotImplementedError naming it.
+early_stopping, num_return_sequences; see flaxauto.generation.beam_search); the logits processors
+repetition_penalty, no_repeat_ngram_size, bad_words_ids, min_length / min_new_tokens,
+forced_bos_token_id, forced_eos_token_id, suppress_tokens, begin_suppress_tokens (see
+flaxauto.generation.processors); eos_token_id (int or list), pad_token_id, max_new_tokens /
+max_length, left-padded batches; return_dict_in_generate with output_scores and
+output_logits (flaxauto.generation.outputs.GenerateOutput). Any other active setting raises
+NotImplementedError naming it.
 """
 
 from __future__ import annotations
@@ -20,29 +26,53 @@ import numpy as np
 from flax import nnx
 
 from flaxauto.generation import beam_search, greedy
+from flaxauto.generation.outputs import GenerateOutput, per_step
 from flaxauto.generation.settings import plan as make_plan
 from flaxauto.generation.settings import prepare, resolve_generation_config
 
 
 def generate(model, input_ids, attention_mask=None, *, generation_config=None, key=None, **kwargs):
     """Prompt [B, P] -> token ids [B * num_return_sequences, P + new] (prompt included), as
-    transformers' generate.
+    transformers' generate; with return_dict_in_generate=True a GenerateOutput (`.sequences`,
+    `.scores` and, for beam search, `.sequences_scores` with output_scores=True, `.logits`
+    with output_logits=True; beam search adds `.beam_indices`).
 
     `key` seeds sampling (a jax.random key; fresh entropy if None). Rows that finish early are
     filled with pad_token_id; the result stops when every row has finished or at max_length.
     """
-    if model.task != "causal-lm" or not hasattr(model.head, "decode_logits"):
-        raise TypeError(f"generate() needs a causal LM (AutoModelForCausalLM), not {model.task}")
+    if not model.can_generate():
+        raise TypeError(
+            f"generate() needs a generative model (a causal LM: AutoModelForCausalLM), not "
+            f"{model.task}"
+        )
+    if getattr(model.config, "is_encoder_decoder", False):
+        # the protocol serves them; what generate lacks is their decoder prompt
+        # (decoder_start_token_id) and the split of the inputs between encoder and decoder
+        raise NotImplementedError("generate() for an encoder-decoder model is not implemented")
     config, default_max_length = resolve_generation_config(model, generation_config, **kwargs)
     plan = make_plan(config)
     prompt = prepare(model, config, plan, default_max_length, input_ids, attention_mask)
     graphdef, state = nnx.split(model)
     if config.num_beams > 1:
-        return beam_search.generate(graphdef, state, config, plan, prompt)
-    if key is None:
-        key = jax.random.key(np.random.SeedSequence().entropy % (2**32))
-    tokens, steps = greedy.decode(
-        graphdef, plan, prompt.cache_length, state, prompt.ids, prompt.mask,
-        prompt.scalars, key,
-    )  # fmt: skip
-    return tokens[:, prompt.padding : prompt.ids.shape[1] + int(steps)]
+        sequences, sequences_scores, beam_indices, steps, kept = beam_search.generate(
+            graphdef, state, config, plan, prompt
+        )
+    else:
+        if key is None:
+            key = jax.random.key(np.random.SeedSequence().entropy % (2**32))
+        tokens, steps, kept = greedy.decode(
+            graphdef, plan, prompt.cache_length, state, prompt.ids, prompt.mask,
+            prompt.scalars, key,
+        )  # fmt: skip
+        steps = int(steps)
+        sequences = tokens[:, prompt.padding : prompt.ids.shape[1] + steps]
+        sequences_scores = beam_indices = None
+    if not config.return_dict_in_generate:
+        return sequences
+    return GenerateOutput(
+        sequences=sequences,
+        scores=per_step(kept, "scores", steps),
+        logits=per_step(kept, "logits", steps),
+        sequences_scores=sequences_scores if plan.output_scores else None,
+        beam_indices=beam_indices,
+    )

@@ -1,9 +1,9 @@
-"""Beam search for causal LMs, as transformers' `generate(num_beams=N, do_sample=False)` decides it,
-in one compiled program.
+"""Beam search, as transformers' `generate(num_beams=N, do_sample=False)` decides it, in one
+compiled program that drives the model through the decoding protocol (flaxauto.decoding).
 
-The prompt is prefilled once per row and its cache copied to the row's N beams; then every step
-runs inside `lax.while_loop`: one token for each of the B * N running beams, the best
-continuations kept, the cache rows reordered to follow the beams they came from. Each step keeps
+The model starts once per prompt row and its state is copied to the row's N beams (`reorder`);
+then every step runs inside `lax.while_loop`: one token for each of the B * N running beams, the
+best continuations kept, the state of each beam taken from the beam it continues (`reorder`). Each step keeps
 the top K = max(2, 1 + number of eos tokens) * N continuations of each row, so that N of them
 still run when up to N * (number of eos tokens) end, and up to N ended ones enter the row's N best
 finished hypotheses, scored by sum of log-probabilities / generated length ** length_penalty.
@@ -25,8 +25,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx, struct
 
-from flaxauto.generation.greedy import next_logits, prefill
-from flaxauto.generation.processors import eos_mask, process_scores, prompt_tokens
+from flaxauto.generation.outputs import new_record, record
+from flaxauto.generation.processors import History, eos_mask, process_scores, prompt_tokens
 from flaxauto.generation.settings import Plan, Prompt
 
 Array = jax.Array
@@ -56,10 +56,15 @@ class _Beams:
     is_finished: Array  # [B, N] bool: the slot holds a finished hypothesis
     improvable: Array  # [B] bool: a running beam may still beat a finished one
     all_end: Array  # [] bool: every continuation kept at the last step ended
-    cache: object  # flaxauto.decoder.KVCache over B * N rows, row b * N + n: beam n of row b
-    position: Array  # [B * N] position id of the last token fed
+    decoding: object  # the model's DecodingState over B * N rows, row b * N + n: beam n of row b
+    parents: Array  # [B * N] int32: the row of `decoding` each running beam continues
     seen: Array | None  # [B * N, V] bool: tokens the repetition penalty applies to
     step: Array  # [] int32: tokens generated so far
+    record: dict | None  # [S - P, B * N, V] buffers: each step's scores and/or logits
+    # plan.beam_indices: [B, N, S - P] int32, the row (b * N + n) each token of a running /
+    # finished hypothesis was chosen from, -1 after its end
+    running_beams: Array | None
+    finished_beams: Array | None
 
 
 def beam_settings(config, plan: Plan, cache_length: int) -> BeamSettings:
@@ -83,30 +88,38 @@ def beam_settings(config, plan: Plan, cache_length: int) -> BeamSettings:
 
 
 def generate(graphdef, state, config, plan: Plan, prompt: Prompt):
-    """-> token ids [B * num_return_sequences, prompt + generated], each row's best first."""
+    """-> (token ids [B * num_return_sequences, prompt + generated], each row's best first;
+    their scores [B * num_return_sequences]; under plan.beam_indices the row each of their tokens
+    was chosen from [B * num_return_sequences, generated], else None; the number of steps run;
+    under plan.output_scores / output_logits each step's processed log-probabilities / raw
+    logits ([S - P, B * num_beams, V] under "scores" / "logits"), else None)."""
     settings = beam_settings(config, plan, prompt.cache_length)
-    tokens, lengths = _search(
+    tokens, finished_scores, lengths, beams, steps, kept = _search(
         graphdef, plan, int(config.num_beams), prompt.cache_length, state, prompt.ids,
         prompt.mask, prompt.scalars, settings,
     )  # fmt: skip
     returned = config.num_return_sequences or 1
     tokens = tokens[:, :returned].reshape(-1, tokens.shape[-1])  # [B * R, S]
     generated = int(jnp.max(lengths[:, :returned]))
-    return tokens[:, prompt.padding : prompt.ids.shape[1] + generated]
+    sequences = tokens[:, prompt.padding : prompt.ids.shape[1] + generated]
+    if beams is not None:  # [B * R, generated]
+        beams = beams[:, :returned].reshape(-1, beams.shape[-1])[:, :generated]
+    return sequences, finished_scores[:, :returned].reshape(-1), beams, int(steps), kept
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "plan", "num_beams", "cache_length"))
 def _search(graphdef, plan, num_beams: int, cache_length: int, state, ids, mask, scalars,
             settings: BeamSettings):  # fmt: skip
     """ids, mask [B, P] (left-padded to the bucket P); scalars: prompt length as the caller sees
-    it, max_length, min_length. Returns the finished hypotheses [B, N, S] (best first) and their
-    generated lengths [B, N]."""
+    it, max_length, min_length. Returns the finished hypotheses [B, N, S] (best first), their
+    scores and generated lengths [B, N], their beam indices (or None), the number of steps run and
+    the record of each step (see `generate`)."""
     prompt_length, max_length = scalars[0], scalars[1]
     model = nnx.merge(graphdef, state)
     model.eval()
     batch, prompt_bucket = ids.shape
     n = num_beams
-    cache, position, logits = prefill(model, ids, mask, cache_length)
+    decoding, logits = model.start(ids, mask, cache_length=cache_length)
     every_beam = jnp.repeat(jnp.arange(batch), n)  # [B * N]: the row each beam belongs to
     tokens = jnp.full((batch, n, cache_length), settings.fill_token_id, jnp.int32)
     tokens = tokens.at[:, :, :prompt_bucket].set(
@@ -114,6 +127,8 @@ def _search(graphdef, plan, num_beams: int, cache_length: int, state, ids, mask,
     )
     # only beam 0 is live at first: its copies would otherwise pick the same continuations
     first_only = jnp.where(jnp.arange(n) == 0, 0.0, EXCLUDED).astype(jnp.float32)
+    steps = cache_length - prompt_bucket  # the most tokens the buffer takes
+    beams = jnp.full((batch, n, steps), -1, jnp.int32) if plan.beam_indices else None
     seen = None
     if plan.repetition_penalty != 1:
         seen = prompt_tokens(ids, mask, logits.shape[-1])[every_beam]
@@ -126,10 +141,15 @@ def _search(graphdef, plan, num_beams: int, cache_length: int, state, ids, mask,
         is_finished=jnp.zeros((batch, n), bool),
         improvable=jnp.ones((batch,), bool),
         all_end=jnp.zeros((), bool),
-        cache=reorder_cache(cache, every_beam),
-        position=position[every_beam],
+        decoding=model.reorder(decoding, every_beam),
+        parents=jnp.arange(batch * n, dtype=jnp.int32),
         seen=seen,
         step=jnp.zeros((), jnp.int32),
+        record=new_record(
+            plan.output_scores, plan.output_logits, steps, batch * n, logits.shape[-1]
+        ),
+        running_beams=beams,
+        finished_beams=beams,
     )
 
     def select(carry: _Beams, logits) -> _Beams:
@@ -146,19 +166,16 @@ def _search(graphdef, plan, num_beams: int, cache_length: int, state, ids, mask,
 
     def step(carry: _Beams) -> _Beams:
         last = jax.lax.dynamic_index_in_dim(carry.running, prompt_bucket + carry.step - 1, 2, False)
-        position = carry.position + 1
-        cache, logits = next_logits(model, last.reshape(-1), position, carry.cache)
-        return select(carry.replace(cache=cache, position=position), logits)
+        # each running beam's state is that of the beam it continues
+        decoding = model.reorder(carry.decoding, carry.parents)
+        decoding, logits = model.step(decoding, last.reshape(-1))
+        return select(carry.replace(decoding=decoding), logits)
 
     carry = jax.lax.while_loop(more, step, select(carry, jnp.repeat(logits, n, axis=0)))
-    return carry.finished, carry.finished_lengths
-
-
-def reorder_cache(cache, rows: Array):
-    """The cache with row i taken from row rows[i] (the batch axis is -4 of keys and values,
-    whether per layer [B, S, K, D] or stacked [L, B, S, K, D])."""
-    keys, values = jax.tree.map(lambda x: jnp.take(x, rows, axis=-4), (cache.keys, cache.values))
-    return cache.replace(keys=keys, values=values, mask=jnp.take(cache.mask, rows, axis=0))
+    return (
+        carry.finished, carry.finished_scores, carry.finished_lengths, carry.finished_beams,
+        carry.step, carry.record,
+    )  # fmt: skip
 
 
 def _gather(x: Array, index: Array) -> Array:
@@ -175,7 +192,18 @@ def _select(plan, settings: BeamSettings, carry: _Beams, logits, prompt_bucket, 
 
     # transformers' processors see log-probabilities in beam search
     log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)  # [B * N, V]
-    log_probs = process_scores(plan, log_probs, carry.seen, length, min_length)
+    history = History(
+        tokens=carry.running.reshape(batch * n, -1),
+        first=prompt_bucket - prompt_length,
+        end=prompt_bucket + carry.step,
+        seen=carry.seen,
+        prompt_length=prompt_length,
+        max_length=max_length,
+        min_length=min_length,
+    )
+    log_probs = process_scores(plan, log_probs, history)
+    # transformers keeps the processed log-probabilities, and the raw logits
+    recorded = record(carry.record, carry.step, scores=log_probs, logits=logits)
     vocab = log_probs.shape[-1]
     totals = log_probs.reshape(batch, n, vocab) + carry.running_scores[:, :, None]
     kept = n * max(2, 1 + len(plan.eos_token_ids))  # K, see the module docstring
@@ -185,34 +213,42 @@ def _select(plan, settings: BeamSettings, carry: _Beams, logits, prompt_bucket, 
     candidates = jax.lax.dynamic_update_slice(
         candidates, token[:, :, None], (0, 0, prompt_bucket + carry.step)
     )
+    from_row = parent + jnp.arange(batch)[:, None] * n  # [B, K]: the B * N row continued
+    candidate_beams = None
+    if carry.running_beams is not None:
+        candidate_beams = jax.lax.dynamic_update_slice(
+            _gather(carry.running_beams, parent), from_row[:, :, None], (0, 0, carry.step)
+        )
     ends = eos_mask(plan, vocab)[token] | (length + 1 >= max_length)  # [B, K]
 
     # the N best continuations that did not end run on
     alive = scores + ends.astype(jnp.float32) * EXCLUDED
     running_scores, keep = jax.lax.top_k(alive, n)  # [B, N]
     running = _gather(candidates, keep)
-    rows = (_gather(parent, keep) + jnp.arange(batch)[:, None] * n).reshape(-1)  # [B * N]
+    rows = _gather(from_row, keep).reshape(-1)  # [B * N]
     seen = carry.seen
     if seen is not None:
         new_token = _gather(token, keep).reshape(-1)
         seen = seen[rows].at[jnp.arange(rows.shape[0]), new_token].set(True)
 
     penalty = settings.penalties[generated]
-    finished = _merge_finished(settings, carry, candidates, scores, ends, penalty)
+    finished = _merge_finished(settings, carry, candidates, candidate_beams, scores, ends, penalty)
     carry = carry.replace(
+        running_beams=None if candidate_beams is None else _gather(candidate_beams, keep),
         running=running,
         running_scores=running_scores,
         all_end=jnp.all(ends),
-        cache=reorder_cache(carry.cache, rows),
+        parents=rows,
         seen=seen,
         step=carry.step + 1,
+        record=recorded,
         **finished,
     )
     return carry.replace(improvable=_improvable(settings, carry, scalars))
 
 
 def _merge_finished(
-    settings: BeamSettings, carry: _Beams, candidates, scores, ends, penalty
+    settings: BeamSettings, carry: _Beams, candidates, candidate_beams, scores, ends, penalty
 ) -> dict:
     """Keep the N best of the finished hypotheses and the continuations that just ended (among
     the N best only; none where the row is full under early_stopping=True or cannot improve)."""
@@ -228,7 +264,12 @@ def _merge_finished(
     merged = jnp.concatenate([carry.finished_scores, final], axis=1)  # [B, N + K]
     finished_scores, best = jax.lax.top_k(merged, n)  # [B, N]
     lengths = jnp.broadcast_to(carry.step + 1, (batch, k)).astype(jnp.int32)
+    finished_beams = None
+    if candidate_beams is not None:
+        merged_beams = jnp.concatenate([carry.finished_beams, candidate_beams], axis=1)
+        finished_beams = _gather(merged_beams, best)
     return dict(
+        finished_beams=finished_beams,
         finished=_gather(jnp.concatenate([carry.finished, candidates], axis=1), best),
         finished_scores=finished_scores,
         finished_lengths=_gather(jnp.concatenate([carry.finished_lengths, lengths], 1), best),

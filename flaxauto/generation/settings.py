@@ -18,10 +18,8 @@ MIN_PROMPT_BUCKET = 8
 _INACTIVE = {
     "num_beam_groups": (None, 1),
     "diversity_penalty": (None, 0.0),
-    "no_repeat_ngram_size": (None, 0),
     "encoder_no_repeat_ngram_size": (None, 0),
     "encoder_repetition_penalty": (None, 1.0),
-    "bad_words_ids": (None,),
     "sequence_bias": (None,),
     "force_words_ids": (None,),
     "constraints": (None,),
@@ -31,10 +29,6 @@ _INACTIVE = {
     "epsilon_cutoff": (None, 0.0),
     "eta_cutoff": (None, 0.0),
     "guidance_scale": (None, 1.0),
-    "forced_bos_token_id": (None,),
-    "forced_eos_token_id": (None,),
-    "suppress_tokens": (None,),
-    "begin_suppress_tokens": (None,),
     "renormalize_logits": (None, False),
     "remove_invalid_values": (None, False),
     "exponential_decay_length_penalty": (None,),
@@ -48,11 +42,8 @@ _INACTIVE = {
     "assistant_early_exit": (None,),
     "use_mtp": (None, False),
     "low_memory": (None, False),
-    "output_scores": (None, False),
-    "output_logits": (None, False),
     "output_attentions": (None, False),
     "output_hidden_states": (None, False),
-    "return_dict_in_generate": (None, False),
 }
 
 
@@ -67,6 +58,15 @@ class Plan:
     repetition_penalty: float  # 1.0: off
     eos_token_ids: tuple[int, ...]  # empty: run to max_length
     pad_token_id: int  # what finished rows emit
+    no_repeat_ngram_size: int = 0  # 0: off
+    bad_words: tuple[tuple[int, ...], ...] = ()  # sequences never to complete
+    forced_bos_token_id: int | None = None
+    forced_eos_token_ids: tuple[int, ...] = ()
+    suppress_tokens: tuple[int, ...] = ()
+    begin_suppress_tokens: tuple[int, ...] = ()
+    output_scores: bool = False  # keep each step's processed scores (return_dict_in_generate)
+    output_logits: bool = False  # keep each step's raw logits (return_dict_in_generate)
+    beam_indices: bool = False  # beam search: keep the beam of each token (return_dict_in_generate)
 
 
 def resolve_generation_config(model, generation_config=None, **kwargs):
@@ -119,8 +119,21 @@ def plan(config) -> Plan:
     pad = config.pad_token_id
     pad = eos[0] if pad is None and eos else pad  # transformers pads finished rows with eos
     sampling = bool(config.do_sample)
+    bos = config.forced_bos_token_id
     if sampling and not config.temperature > 0:
         raise ValueError(f"temperature={config.temperature!r} must be > 0 when sampling")
+    ngram = config.no_repeat_ngram_size or 0
+    if not isinstance(ngram, int) or ngram < 0:
+        raise ValueError(f"`ngram_size` has to be a strictly positive integer, but is {ngram}")
+    bad_words = ()
+    if config.bad_words_ids is not None:
+        bad_words = bad_word_sequences(config.bad_words_ids, eos)
+    forced_eos = config.forced_eos_token_id
+    forced_eos = () if forced_eos is None else tuple(int(t) for t in np.atleast_1d(forced_eos))
+    if any(t < 0 for t in forced_eos):
+        raise ValueError(
+            f"`eos_token_id` has to be a list of positive integers, but is {forced_eos}"
+        )
     return Plan(
         do_sample=sampling,
         temperature=float(config.temperature) if sampling else 1.0,
@@ -129,7 +142,39 @@ def plan(config) -> Plan:
         repetition_penalty=float(config.repetition_penalty or 1.0),
         eos_token_ids=eos,
         pad_token_id=int(pad) if pad is not None else 0,
+        no_repeat_ngram_size=ngram,
+        bad_words=bad_words,
+        forced_bos_token_id=None if bos is None else int(bos),
+        forced_eos_token_ids=forced_eos,
+        suppress_tokens=_token_ids(config.suppress_tokens),
+        begin_suppress_tokens=_token_ids(config.begin_suppress_tokens),
+        output_scores=bool(config.return_dict_in_generate and config.output_scores),
+        output_logits=bool(config.return_dict_in_generate and config.output_logits),
+        beam_indices=bool(config.return_dict_in_generate and (config.num_beams or 1) > 1),
     )
+
+
+def bad_word_sequences(bad_words_ids, eos_token_ids) -> tuple[tuple[int, ...], ...]:
+    """transformers' checks of bad_words_ids, and its rule that a lone eos is never banned."""
+    if not isinstance(bad_words_ids, list) or not bad_words_ids:
+        raise ValueError(f"`bad_words_ids` has to be a non-empty list, but is {bad_words_ids}.")
+    if any(not isinstance(words, list) or not words for words in bad_words_ids):
+        raise ValueError(
+            f"`bad_words_ids` has to be a list of non-empty lists, but is {bad_words_ids}."
+        )
+    if any(
+        not isinstance(t, int) or isinstance(t, bool) or t < 0 for w in bad_words_ids for t in w
+    ):
+        raise ValueError(
+            f"Each list in `bad_words_ids` has to be a list of positive integers, but is "
+            f"{bad_words_ids}."
+        )
+    kept = [tuple(w) for w in bad_words_ids if not any(w == [e] for e in eos_token_ids)]
+    return tuple(dict.fromkeys(kept))  # duplicates once, in order (transformers keeps a dict)
+
+
+def _token_ids(tokens) -> tuple[int, ...]:
+    return () if tokens is None else tuple(int(t) for t in tokens)
 
 
 def _lengths(model, config, default_max_length: bool, prompt: int) -> tuple[int, int]:
@@ -148,8 +193,8 @@ def _lengths(model, config, default_max_length: bool, prompt: int) -> tuple[int,
             "increase max_length or set max_new_tokens."
         )
     min_length = config.min_length or 0
-    if config.min_new_tokens is not None:
-        min_length = prompt + config.min_new_tokens
+    if config.min_new_tokens is not None:  # transformers applies both minimums: the larger wins
+        min_length = max(min_length, prompt + config.min_new_tokens)
     return max_length, min_length
 
 

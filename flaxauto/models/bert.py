@@ -81,10 +81,14 @@ class BertSelfAttention(nnx.Module):
             config.hidden_size, precision, rngs
         )
         self.dropout = layers.dropout(config.attention_probs_dropout_prob, rngs)
+        self.implementation = precision.attention
 
-    def __call__(self, hidden_states, bias):
-        projections = (self.query, self.key, self.value)
-        return layers.self_attention(projections, hidden_states, bias, self.num_heads, self.dropout)
+    def __call__(self, hidden_states, bias, output_attentions=False):
+        return layers.attend(
+            (self.query, self.key, self.value), hidden_states, num_heads=self.num_heads,
+            bias=bias, dropout=self.dropout, implementation=self.implementation,
+            output_attentions=output_attentions,
+        )  # fmt: skip
 
 
 class BertResidualOutput(nnx.Module):
@@ -108,8 +112,8 @@ class BertAttention(nnx.Module):
         self.self = BertSelfAttention(config, precision, rngs)
         self.output = BertResidualOutput(config, config.hidden_size, "heads", precision, rngs)
 
-    def __call__(self, hidden_states, bias):
-        context, probs = self.self(hidden_states, bias)
+    def __call__(self, hidden_states, bias, output_attentions=False):
+        context, probs = self.self(hidden_states, bias, output_attentions)
         return self.output(context, hidden_states), probs
 
 
@@ -130,8 +134,8 @@ class BertLayer(nnx.Module):
         self.intermediate = BertIntermediate(config, precision, rngs)
         self.output = BertResidualOutput(config, config.intermediate_size, "mlp", precision, rngs)
 
-    def __call__(self, hidden_states, bias):
-        attended, probs = self.attention(hidden_states, bias)
+    def __call__(self, hidden_states, bias, output_attentions=False):
+        attended, probs = self.attention(hidden_states, bias, output_attentions)
         return self.output(self.intermediate(attended), attended), probs
 
 
@@ -174,17 +178,33 @@ class BertModel(stacks.EncoderBackbone):
             self.pooler = nnx.data(None)
 
     def __call__(
-        self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
-        inputs_embeds=None, **flags
-    ) -> BaseModelOutput:  # fmt: skip
-        """input_ids, token_type_ids, position_ids: [B, T]; attention_mask: [B, T], 1 = token,
-        0 = padding; inputs_embeds: [B, T, E]; flags: output_hidden_states, output_attentions."""
+        self,
+        *,
+        input_ids=None,  # [B, T]
+        attention_mask=None,  # [B, T], 1 = token, 0 = padding
+        token_type_ids=None,  # [B, T]
+        position_ids=None,  # [B or 1, T]
+        inputs_embeds=None,  # [B, T, E]
+        output_hidden_states: bool = False,
+        output_attentions: bool = False,
+    ) -> BaseModelOutput:
         layers.exactly_one(input_ids, inputs_embeds)
         embeddings = self.embeddings(input_ids, token_type_ids, position_ids, inputs_embeds)
+        flags = dict(output_hidden_states=output_hidden_states, output_attentions=output_attentions)
         return self.encode(self.encoder, embeddings, attention_mask, flags, self.pooler)
 
 
 NO_POOLER = {"add_pooling_layer": False}
+
+#: What BERT and RoBERTa read from the config (flaxauto.config_checks refuses the rest).
+CONFIG_ATTRIBUTES = (
+    "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+    "hidden_act", "hidden_dropout_prob", "attention_probs_dropout_prob", "max_position_embeddings",
+    "type_vocab_size", "layer_norm_eps", "pad_token_id", "classifier_dropout",
+    "tie_word_embeddings",
+    # only the values check_config accepts
+    "position_embedding_type", "is_decoder", "add_cross_attention",
+)  # fmt: skip
 
 #: Heads BERT shares with RoBERTa as they are.
 COMMON_HEADS = {
@@ -199,6 +219,7 @@ register(
     base_model_prefix="bert",
     optional_modules=("pooler",),
     ignored=("embeddings.position_ids", "embeddings.token_type_ids"),
+    config_attributes=CONFIG_ATTRIBUTES,
     heads={
         **COMMON_HEADS,
         "sequence-classification": HeadSpec(

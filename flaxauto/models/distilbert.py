@@ -60,12 +60,14 @@ class DistilBertSelfAttention(nnx.Module):
         self.q_lin, self.k_lin, self.v_lin = layers.qkv_projections(config.dim, precision, rngs)
         self.out_lin = layers.linear(config.dim, config.dim, ("heads", "embed"), precision, rngs)
         self.dropout = layers.dropout(config.attention_dropout, rngs)
+        self.implementation = precision.attention
 
-    def __call__(self, hidden_states, bias):
-        projections = (self.q_lin, self.k_lin, self.v_lin)
-        context, probs = layers.self_attention(
-            projections, hidden_states, bias, self.n_heads, self.dropout
-        )
+    def __call__(self, hidden_states, bias, output_attentions=False):
+        context, probs = layers.attend(
+            (self.q_lin, self.k_lin, self.v_lin), hidden_states, num_heads=self.n_heads,
+            bias=bias, dropout=self.dropout, implementation=self.implementation,
+            output_attentions=output_attentions,
+        )  # fmt: skip
         return self.out_lin(context), probs
 
 
@@ -87,8 +89,8 @@ class TransformerBlock(nnx.Module):
         self.ffn = FFN(config, precision, rngs)
         self.output_layer_norm = layers.layer_norm(config.dim, LAYER_NORM_EPS, precision, rngs)
 
-    def __call__(self, hidden_states, bias):
-        attended, probs = self.attention(hidden_states, bias)
+    def __call__(self, hidden_states, bias, output_attentions=False):
+        attended, probs = self.attention(hidden_states, bias, output_attentions)
         attended = self.sa_layer_norm(attended + hidden_states)
         return self.output_layer_norm(self.ffn(attended) + attended), probs
 
@@ -109,12 +111,18 @@ class DistilBertModel(stacks.EncoderBackbone):
         )
 
     def __call__(
-        self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None, **flags
+        self,
+        *,
+        input_ids=None,  # [B, T]
+        attention_mask=None,  # [B, T], 1 = token, 0 = padding
+        position_ids=None,  # [B or 1, T]
+        inputs_embeds=None,  # [B, T, E]
+        output_hidden_states: bool = False,
+        output_attentions: bool = False,
     ) -> BaseModelOutput:
-        """input_ids, position_ids: [B, T]; attention_mask: [B, T], 1 = token, 0 = padding;
-        inputs_embeds: [B, T, E]; flags: output_hidden_states, output_attentions."""
         layers.exactly_one(input_ids, inputs_embeds)
         embeddings = self.embeddings(input_ids, position_ids, inputs_embeds)
+        flags = dict(output_hidden_states=output_hidden_states, output_attentions=output_attentions)
         return self.encode(self.transformer, embeddings, attention_mask, flags)
 
 
@@ -126,11 +134,19 @@ POOLED = {
 }
 POOLED_NAMES = {"classifier.dense": "pre_classifier", "classifier.out": "classifier"}
 
+#: What DistilBERT reads from the config (flaxauto.config_checks refuses the rest).
+CONFIG_ATTRIBUTES = (
+    "vocab_size", "max_position_embeddings", "sinusoidal_pos_embds", "n_layers", "n_heads", "dim",
+    "hidden_dim", "dropout", "attention_dropout", "activation", "qa_dropout",
+    "seq_classif_dropout", "pad_token_id", "tie_word_embeddings",
+)  # fmt: skip
+
 register(
     model_types=("distilbert",),
     backbone=DistilBertModel,
     base_model_prefix="distilbert",
     ignored=("embeddings.position_ids",),
+    config_attributes=CONFIG_ATTRIBUTES,
     heads={
         "base": HeadSpec(None),
         "sequence-classification": HeadSpec(

@@ -54,6 +54,7 @@ class GPT2Attention(nnx.Module):
         self.c_proj = layers.conv1d(hidden, hidden, ("heads", "embed"), precision, rngs)
         self.attn_dropout = layers.dropout(config.attn_pdrop, rngs)
         self.resid_dropout = layers.dropout(config.resid_pdrop, rngs)
+        self.implementation = precision.attention
 
     def __call__(self, hidden_states, step: DecoderStep, layer_cache, bias):
         q, k, v = (
@@ -62,8 +63,9 @@ class GPT2Attention(nnx.Module):
         )
         k, v, layer_cache = step.keys_values(layer_cache, k, v)  # [B, S, H, D]
         context, probs = layers.dot_product_attention(
-            q, k, v, bias, self.attn_dropout, scale=self.scale
-        )
+            q, k, v, bias, self.attn_dropout, scale=self.scale,
+            implementation=self.implementation, output_attentions=step.output_attentions,
+        )  # fmt: skip
         return self.resid_dropout(self.c_proj(layers.merge_heads(context))), probs, layer_cache
 
 
@@ -131,13 +133,15 @@ class GPT2Model(DecoderBackbone):
 
     def __call__(
         self,
+        *,
         input_ids=None,  # [B, T]
         attention_mask=None,  # [B, T], 1 = token, 0 = padding (with a cache: the new tokens)
         token_type_ids=None,  # [B, T], embedded with wte as transformers does
         position_ids=None,  # [B or 1, T]
         inputs_embeds=None,  # [B, T, E]
         cache: KVCache | None = None,
-        **flags,  # output_hidden_states, output_attentions
+        output_hidden_states: bool = False,
+        output_attentions: bool = False,
     ) -> BaseModelOutputWithPast:
         embeds, step, position_ids = self.begin(
             self.wte, input_ids, inputs_embeds, attention_mask, position_ids, cache, (None,)
@@ -145,8 +149,26 @@ class GPT2Model(DecoderBackbone):
         hidden = embeds + self.wpe(position_ids)
         if token_type_ids is not None:
             hidden = hidden + self.wte(token_type_ids)
+        flags = dict(output_hidden_states=output_hidden_states, output_attentions=output_attentions)
         return self.finish(self.drop(hidden), step, self.ln_f, flags)
 
+
+#: What GPT-2 reads from the config (flaxauto.config_checks refuses the rest).
+CONFIG_ATTRIBUTES = (
+    "vocab_size", "n_positions", "n_embd", "n_layer", "n_head", "n_inner", "activation_function",
+    "resid_pdrop", "embd_pdrop", "attn_pdrop", "layer_norm_epsilon", "scale_attn_weights",
+    "scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn", "pad_token_id",
+    "tie_word_embeddings",
+    # only the values check_config accepts
+    "add_cross_attention",
+    # GPT2ForTokenClassification's dropout, when present
+    "classifier_dropout", "hidden_dropout",
+    # read only by GPT2DoubleHeadsModel, which flaxauto does not serve
+    "summary_type", "summary_use_proj", "summary_activation", "summary_proj_to_labels",
+    "summary_first_dropout", "summary_last_dropout",
+    # old configs' name for n_positions; transformers reads it nowhere
+    "n_ctx",
+)  # fmt: skip
 
 #: transformers fixes GPT-2's span head at 2 outputs, whatever num_labels says
 QA = HeadSpec(QuestionAnsweringHead, options={"num_outputs": 2})
@@ -156,6 +178,7 @@ register(
     backbone=GPT2Model,
     base_model_prefix="transformer",
     ignored=("attn.bias", "attn.masked_bias"),  # causal masks older transformers saved
+    config_attributes=CONFIG_ATTRIBUTES,
     heads={
         "base": HeadSpec(None),
         "causal-lm": HeadSpec(CausalLMHead),

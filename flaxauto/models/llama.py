@@ -100,6 +100,7 @@ class LlamaAttention(nnx.Module):
             q_out, hidden, ("heads", "embed"), precision, rngs, use_bias=variant.o_bias
         )
         self.dropout = layers.dropout(config.attention_dropout, rngs)
+        self.implementation = precision.attention
 
     def __call__(self, hidden_states, step: DecoderStep, layer_cache, bias, cos, sin):
         q = layers.split_heads(self.q_proj(hidden_states), self.num_heads)  # [B, T, H, D]
@@ -107,7 +108,10 @@ class LlamaAttention(nnx.Module):
         v = layers.split_heads(self.v_proj(hidden_states), self.num_kv_heads)
         q, k = rope.apply_rotary(q, cos, sin), rope.apply_rotary(k, cos, sin)
         k, v, layer_cache = step.keys_values(layer_cache, k, v)  # [B, S, K, D]
-        context, probs = layers.dot_product_attention(q, k, v, bias, self.dropout, scale=self.scale)
+        context, probs = layers.dot_product_attention(
+            q, k, v, bias, self.dropout, scale=self.scale,
+            implementation=self.implementation, output_attentions=step.output_attentions,
+        )  # fmt: skip
         return self.o_proj(layers.merge_heads(context)), probs, layer_cache
 
 
@@ -176,18 +180,21 @@ class LlamaModel(DecoderBackbone):
 
     def __call__(
         self,
+        *,
         input_ids=None,  # [B, T]
         attention_mask=None,  # [B, T], 1 = token, 0 = padding (with a cache: the new tokens)
         position_ids=None,  # [B or 1, T]
         inputs_embeds=None,  # [B, T, E]
         cache: KVCache | None = None,
-        **flags,  # output_hidden_states, output_attentions
+        output_hidden_states: bool = False,
+        output_attentions: bool = False,
     ) -> BaseModelOutputWithPast:
         embeds, step, position_ids = self.begin(
             self.embed_tokens, input_ids, inputs_embeds, attention_mask, position_ids, cache,
             self.windows,
         )  # fmt: skip
         cos, sin = rope.cos_sin(self.rope, position_ids, embeds.dtype)  # [B or 1, T, D]
+        flags = dict(output_hidden_states=output_hidden_states, output_attentions=output_attentions)
         return self.finish(embeds, step, self.norm, flags, cos=cos, sin=sin)
 
 
@@ -221,6 +228,28 @@ def heads(question_answering_prefix: str | None = None) -> dict[str, HeadSpec]:
     }
 
 
+#: What every Llama-like model_type reads from the config (flaxauto.config_checks refuses the
+#: rest); each adds its own below.
+COMMON_CONFIG_ATTRIBUTES = (
+    "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+    "num_key_value_heads", "head_dim", "hidden_act", "max_position_embeddings", "rms_norm_eps",
+    "rope_parameters", "attention_dropout", "pad_token_id", "tie_word_embeddings",
+    # the generic token classification head's dropout and bias, when present
+    "classifier_dropout", "hidden_dropout", "token_classification_bias",
+)  # fmt: skip
+# pretraining_tp split the projections in old transformers; the product is the same
+LLAMA_CONFIG_ATTRIBUTES = (
+    *COMMON_CONFIG_ATTRIBUTES,
+    "attention_bias",
+    "mlp_bias",
+    "pretraining_tp",
+)
+MISTRAL_CONFIG_ATTRIBUTES = (*COMMON_CONFIG_ATTRIBUTES, "sliding_window")
+QWEN2_CONFIG_ATTRIBUTES = (
+    *COMMON_CONFIG_ATTRIBUTES, "use_sliding_window", "max_window_layers", "layer_types",
+    "sliding_window",
+)  # fmt: skip
+
 # Llama's and Qwen2's ForQuestionAnswering keep the backbone under "transformer" (as older
 # checkpoints did); Mistral's under "model". Checkpoints written by transformers before 4.31
 # carry each layer's rotary inverse frequencies (recomputed from the config, never loaded).
@@ -231,6 +260,7 @@ register(
     base_model_prefix="model",
     heads=heads("transformer"),
     ignored=IGNORED,
+    config_attributes=LLAMA_CONFIG_ATTRIBUTES,
 )
 register(
     model_types=("mistral",),
@@ -238,6 +268,7 @@ register(
     base_model_prefix="model",
     heads=heads(),
     ignored=IGNORED,
+    config_attributes=MISTRAL_CONFIG_ATTRIBUTES,
 )
 register(
     model_types=("qwen2",),
@@ -245,4 +276,5 @@ register(
     base_model_prefix="model",
     heads=heads("transformer"),
     ignored=IGNORED,
+    config_attributes=QWEN2_CONFIG_ATTRIBUTES,
 )

@@ -11,7 +11,13 @@ import jax
 import jax.numpy as jnp
 
 from flaxauto.heads import MaskedLMHead, MultipleChoiceHead, SequenceClassificationHead
-from flaxauto.models.bert import COMMON_HEADS, NO_POOLER, BertEmbeddings, BertModel
+from flaxauto.models.bert import (
+    COMMON_HEADS,
+    CONFIG_ATTRIBUTES,
+    NO_POOLER,
+    BertEmbeddings,
+    BertModel,
+)
 from flaxauto.registry import ConfigAttr, HeadSpec, register
 
 
@@ -39,6 +45,7 @@ register(
     base_model_prefix="roberta",
     optional_modules=("pooler",),
     ignored=("embeddings.position_ids", "embeddings.token_type_ids"),
+    config_attributes=CONFIG_ATTRIBUTES,
     heads={
         **COMMON_HEADS,
         "sequence-classification": HeadSpec(
