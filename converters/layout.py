@@ -1,35 +1,74 @@
-"""Parameter names and layouts: flaxauto parameter <-> transformers PyTorch tensor.
+"""Tensor names and layouts: flaxauto variable <-> transformers PyTorch tensor.
 
-Modules carry transformers' attribute names, so a parameter's PyTorch name is its module path
-plus a leaf name and a layout that depend only on the module's type. The family adds its
-base_model_prefix to backbone names and names the head's parameters; nothing else is tabulated.
+Modules carry transformers' attribute names, so a tensor's PyTorch name is its module path plus a
+leaf name and a layout that depend only on the module's type. Every persistent variable is a
+tensor: nnx.Param, nnx.BatchStat (BatchNorm's running statistics) and layers.Buffer (BART's
+final_logits_bias); RNG state is not. The family adds its base_model_prefix to backbone names,
+names the head's parameters and declares the tables its backbone shares (ties); nothing else is
+tabulated.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from flaxauto.layers import Conv1D
+from flaxauto.layers import BatchNorm, Buffer, Conv1D, WeightNormConv
 
-# module type -> flax leaf -> (PyTorch leaf, layout). Layout "linear" transposes [in, out] <->
-# [out, in]; "conv" moves [*spatial, in, out] <-> [out, in, *spatial]; None keeps the array.
-# A subclass takes its nearest listed base's entry (flaxauto.layers.RMSNorm is an nnx.RMSNorm).
-LAYOUTS: dict[type, dict[str, tuple[str, str | None]]] = {
-    nnx.Linear: {"kernel": ("weight", "linear"), "bias": ("bias", None)},
-    Conv1D: {"kernel": ("weight", None), "bias": ("bias", None)},  # GPT-2 stores [in, out]
-    nnx.Conv: {"kernel": ("weight", "conv"), "bias": ("bias", None)},
-    nnx.LayerNorm: {"scale": ("weight", None), "bias": ("bias", None)},
-    nnx.RMSNorm: {"scale": ("weight", None)},
-    nnx.Embed: {"embedding": ("weight", None)},
+#: variable types saved in and loaded from checkpoints (transformers' state_dict)
+PERSISTENT = (nnx.Param, nnx.BatchStat, Buffer)
+
+
+@dataclass(frozen=True)
+class Leaf:
+    """How one flax variable of a module type is spelled in PyTorch.
+
+    torch: the PyTorch leaf name (may be dotted: weight norm's `parametrizations.weight.original0`).
+    layout: "linear" transposes [in, out] <-> [out, in]; "conv" moves [*spatial, in, out] <->
+        [out, in, *spatial]; None keeps the array.
+    init: transformers' _init_weights value when a checkpoint lacks it: "normal" (N(0, std)),
+        "zeros" or "ones"; None infers it from the flax name (kernel/embedding normal, scale ones,
+        else zeros).
+    legacy: older PyTorch leaf names that load into it (never written).
+    """
+
+    torch: str
+    layout: str | None = None
+    init: str | None = None
+    legacy: tuple[str, ...] = ()
+
+
+_NORM = {  # LayerNorm, RMSNorm, GroupNorm, BatchNorm: older checkpoints say gamma/beta
+    "scale": Leaf("weight", legacy=("gamma",)),
+    "bias": Leaf("bias", legacy=("beta",)),
 }
 
-# Names older PyTorch checkpoints used for LayerNorm parameters (transformers renames them too).
-LEGACY_LEAVES = {"gamma": "weight", "beta": "bias"}
+# module type -> flax leaf -> Leaf. A subclass takes its nearest listed base's entry
+# (flaxauto.layers.RMSNorm is an nnx.RMSNorm); a leaf not listed keeps its name and layout.
+LAYOUTS: dict[type, dict[str, Leaf]] = {
+    nnx.Linear: {"kernel": Leaf("weight", "linear"), "bias": Leaf("bias")},
+    Conv1D: {"kernel": Leaf("weight"), "bias": Leaf("bias")},  # GPT-2 stores [in, out]
+    nnx.Conv: {"kernel": Leaf("weight", "conv"), "bias": Leaf("bias")},
+    WeightNormConv: {  # torch's parametrizations.weight_norm; weight_g/weight_v before it
+        "weight_g": Leaf("parametrizations.weight.original0", "conv", "ones", ("weight_g",)),
+        "weight_v": Leaf("parametrizations.weight.original1", "conv", "normal", ("weight_v",)),
+        "bias": Leaf("bias"),
+    },
+    nnx.LayerNorm: _NORM,
+    nnx.RMSNorm: {"scale": _NORM["scale"]},
+    nnx.GroupNorm: _NORM,
+    BatchNorm: {
+        **_NORM,
+        "mean": Leaf("running_mean", init="zeros"),
+        "var": Leaf("running_var", init="ones"),
+        "num_batches_tracked": Leaf("num_batches_tracked", init="zeros"),
+    },
+    nnx.Embed: {"embedding": Leaf("weight")},
+}
 
 
 def flax_axes(layout: str | None, ndim: int) -> tuple[int, ...]:
@@ -43,14 +82,21 @@ def flax_axes(layout: str | None, ndim: int) -> tuple[int, ...]:
 
 @dataclass
 class Slot:
-    """One model parameter and the PyTorch tensor it corresponds to."""
+    """One persistent model variable and the PyTorch tensor it corresponds to."""
 
     variable: nnx.Variable
     torch_name: str
     layout: str | None
-    part: str  # "backbone", "optional" (a backbone module a checkpoint may lack) or "head"
-    kind: str  # "kernel", "embedding", "scale" or "bias": decides the initialiser
+    # "backbone" (required), "optional" (a backbone module a checkpoint may lack: initialised and
+    # reported), "counter" (a statistic such as num_batches_tracked: zero when absent, silently)
+    # or "head"
+    part: str
+    init: str  # "normal", "zeros", "ones" or "sinusoidal": transformers' _init_weights value
     index: int | None = None  # the layer, for a variable stacked over layers (scan_layers)
+    #: other checkpoint names that load into it: legacy spellings and the family's tied names
+    aliases: tuple[str, ...] = ()
+    #: the subset of aliases that are tied names (several of them may be in one checkpoint)
+    tied: tuple[str, ...] = field(default=())
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -68,6 +114,11 @@ class Slot:
         return self.variable.get_value().dtype
 
     @property
+    def torch_dtype(self):
+        """The dtype transformers stores (int64 counters that jax, without x64, holds as int32)."""
+        return np.dtype(self.variable.get_metadata("torch_dtype", None) or self.dtype)
+
+    @property
     def perm(self) -> tuple[int, ...]:
         return flax_axes(self.layout, len(self.shape))
 
@@ -81,7 +132,10 @@ class Slot:
         return np.transpose(tensor, self.perm)
 
     def to_torch(self, array: np.ndarray) -> np.ndarray:
-        return np.ascontiguousarray(np.transpose(array, np.argsort(self.perm)))
+        array = np.transpose(array, np.argsort(self.perm))
+        if not array.flags.c_contiguous:  # (np.ascontiguousarray would make a scalar [1])
+            array = np.ascontiguousarray(array)
+        return array.astype(self.torch_dtype, copy=False)
 
 
 def _rename(local: str, names) -> str:
@@ -92,36 +146,58 @@ def _rename(local: str, names) -> str:
     return local
 
 
+def _join(*parts: str) -> str:
+    return ".".join(p for p in parts if p)
+
+
 def parameter_slots(model) -> dict[str, Slot]:
-    """Every parameter of a flaxauto model, keyed by its transformers PyTorch name.
+    """Every persistent variable of a flaxauto model, keyed by its transformers PyTorch name.
 
     A variable stacked over layers (stacks.ScannedLayers) gives one slot per layer, named as
     transformers names that layer (`encoder.layer.3.attention...`)."""
     from flaxauto.stacks import ScannedLayers
 
     family, spec = model.family, model.head_spec
-    prefix = "" if model.task == "base" else base_model_prefix(model) + "."
+    prefix = "" if model.task == "base" else base_model_prefix(model)
+    ties = family.ties(model.config) if callable(family.ties) else family.ties
     modules = list(nnx.iter_modules(model))
     stacks = {path: m.num_layers for path, m in modules if isinstance(m, ScannedLayers)}
     slots: dict[str, Slot] = {}
     for path, module in modules:
         leaves = next((LAYOUTS[t] for t in type(module).__mro__ if t in LAYOUTS), {})
         for attr, variable in vars(module).items():
-            if not isinstance(variable, nnx.Param):
+            if not issubclass(type(variable), PERSISTENT):  # (flax's isinstance hook is slow)
                 continue
-            torch_leaf, layout = leaves.get(attr, (attr, None))
+            leaf = leaves.get(attr, Leaf(attr))
+            init = variable.get_metadata("init", None) or leaf.init or _init(attr, leaf.layout)
             for index, layer_path in _per_layer_paths(path, stacks):
                 root, *rest = [str(p) for p in layer_path] or [""]
-                local = ".".join([*rest, torch_leaf])
+                local = _join(*rest)
+                names = [_join(local, torch) for torch in (leaf.torch, *leaf.legacy)]
+                tied = ()
                 if root == "backbone":
-                    name = prefix + local
+                    tied = tuple(_join(prefix, n) for n in _tied_aliases(names[0], ties))
+                    names = [_join(prefix, n) for n in names]
                     optional = rest and rest[0] in family.optional_modules
                     part = "optional" if optional else "backbone"
+                    if variable.get_metadata("counter", False):
+                        part = "counter"
                 else:
-                    name, part = _rename(local, spec.names), "head"
-                kind = _kind(attr, layout)
-                slots[name] = Slot(variable, name, layout, part, kind, index)
+                    names, part = [_rename(n, spec.names) for n in names], "head"
+                name, *legacy = names
+                slots[name] = Slot(
+                    variable, name, leaf.layout, part, init, index, (*legacy, *tied), tied
+                )
     return slots
+
+
+def _tied_aliases(local: str, ties) -> list[str]:
+    """The other names the family ties `local` to: {"shared": ("encoder.embed_tokens", ...)}
+    makes `shared.weight` also `encoder.embed_tokens.weight`, ... (the model holds one table)."""
+    for owner, others in ties.items():
+        if local.startswith(owner + "."):
+            return [other + local[len(owner) :] for other in others]
+    return []
 
 
 def _per_layer_paths(path: tuple, stacks: dict[tuple, int]):
@@ -137,14 +213,16 @@ def _per_layer_paths(path: tuple, stacks: dict[tuple, int]):
 
 def base_model_prefix(model) -> str:
     """transformers' attribute name for the backbone in this task model (a task may differ from
-    its family: LlamaForQuestionAnswering keeps "transformer")."""
-    return model.head_spec.base_model_prefix or model.family.base_model_prefix
+    its family: LlamaForQuestionAnswering keeps "transformer"; "" keeps the backbone's names at
+    the top, as WhisperForAudioClassification does with `encoder.*`)."""
+    prefix = model.head_spec.base_model_prefix
+    return model.family.base_model_prefix if prefix is None else prefix
 
 
-def _kind(attr: str, layout: str | None) -> str:
+def _init(attr: str, layout: str | None) -> str:
     if layout in ("linear", "conv") or attr in ("kernel", "embedding"):
-        return "kernel"
-    return "scale" if attr == "scale" else "bias"
+        return "normal"
+    return "ones" if attr == "scale" else "zeros"
 
 
 def tied_names(model) -> set[str]:
@@ -156,23 +234,27 @@ def tied_names(model) -> set[str]:
 
 
 def initial_value(slot: Slot, key: jax.Array, std: float) -> jax.Array:
-    """transformers' _init_weights: kernels ~ N(0, initializer_range), norms 1, biases 0.
+    """transformers' _init_weights: kernels ~ N(0, initializer_range), norms 1, biases and
+    statistics 0 (running variances 1).
 
     The value is for the whole variable (every layer of a stacked one)."""
     shape, dtype = tuple(slot.variable.get_value().shape), slot.dtype
-    if slot.variable.get_metadata("init", None) == "sinusoidal":
+    if slot.init == "sinusoidal":
         from flaxauto.layers import sinusoidal_table
 
         return sinusoidal_table(*shape).astype(dtype)
-    if slot.kind == "kernel":
+    if slot.init == "normal":
         return (std * jax.random.normal(key, shape, jnp.float32)).astype(dtype)
-    if slot.kind == "scale":
+    if slot.init == "ones":
         return jnp.ones(shape, dtype)
-    return jnp.zeros(shape, dtype)
+    if slot.init == "zeros":
+        return jnp.zeros(shape, dtype)
+    raise NotImplementedError(f"{slot.torch_name}: initialiser {slot.init!r} is not implemented")
 
 
 def export_tensors(model):
-    """(PyTorch name, numpy array in PyTorch layout) for every saved parameter, in model order."""
+    """(PyTorch name, numpy array in PyTorch layout and dtype) for every saved tensor, in model
+    order; a table the family ties is written once, under its owner's name (as transformers)."""
     for name, slot in parameter_slots(model).items():
         value = slot.variable.get_value()
         value = value if slot.index is None else value[slot.index]

@@ -19,18 +19,18 @@ from tqdm.auto import tqdm
 
 from flaxauto.converters.errors import CheckpointError
 from flaxauto.converters.files import arrange
-from flaxauto.converters.layout import (
-    LEGACY_LEAVES,
-    Slot,
-    base_model_prefix,
-    parameter_slots,
-    tied_names,
-)
+from flaxauto.converters.layout import Slot, base_model_prefix, parameter_slots, tied_names
 
 logger = logging.getLogger("flaxauto")
 
-# Buffers transformers never loads (non-persistent in current versions, saved by older ones).
-IGNORED_BUFFERS = re.compile(r"(^|\.)(position_ids|token_type_ids|masked_bias|attn\.bias)$")
+
+def ignored_pattern(family) -> re.Pattern | None:
+    """The checkpoint names the family declares ignorable (register(ignored=...)): buffers that
+    transformers no longer saves but older versions did (`rotary_emb.inv_freq`, `position_ids`),
+    matched as the end of a name at a dot."""
+    if not family.ignored:
+        return None
+    return re.compile(r"(^|\.)(" + "|".join(map(re.escape, family.ignored)) + r")$")
 
 
 @dataclass
@@ -51,42 +51,50 @@ class LoadingInfo:
 
 @dataclass
 class _Plan:
-    assignments: dict[str, Slot] = field(default_factory=dict)  # checkpoint key -> parameter
+    assignments: dict[str, Slot] = field(default_factory=dict)  # checkpoint key -> variable
+    #: a further checkpoint key of a tied table -> the key that fills it (they must be equal)
+    tie_copies: dict[str, str] = field(default_factory=dict)
     info: LoadingInfo = field(default_factory=LoadingInfo)
     problems: list[str] = field(default_factory=list)
 
 
 def _candidates(key: str, prefix: str, renames) -> list[str]:
-    """Names a checkpoint key may have in the model: as is, legacy-renamed, with or without the
+    """Names a checkpoint key may have in the model: as is, with or without the
     base_model_prefix (a base checkpoint in a task model, a task checkpoint in a base model)."""
     key = renames.get(key, key)
-    head, _, leaf = key.rpartition(".")
-    forms = [key]
-    if leaf in LEGACY_LEAVES:
-        forms.append(f"{head}.{LEGACY_LEAVES[leaf]}" if head else LEGACY_LEAVES[leaf])
-    out = []
-    for form in forms:
-        out += [form, prefix + form]
-        if form.startswith(prefix):
-            out.append(form[len(prefix) :])
+    if not prefix:
+        return [key]
+    out = [key, prefix + key]
+    if key.startswith(prefix):
+        out.append(key[len(prefix) :])
     return out
+
+
+def _names(slots: dict[str, Slot]) -> dict[str, Slot]:
+    """Every name that loads into a variable: its own, legacy spellings, tied names."""
+    names = {alias: slot for slot in slots.values() for alias in slot.aliases}
+    return names | slots
 
 
 def plan_load(model, source, ignore_mismatched_sizes: bool = False) -> _Plan:
     family = model.family
-    prefix = base_model_prefix(model) + "."
+    base = base_model_prefix(model)
+    prefix = base + "." if base else ""
     slots = parameter_slots(model)
+    names = _names(slots)
+    ignored = ignored_pattern(family)
     tied = tied_names(model)
     backbone_roots = {name.split(".")[0] for name in _backbone_names(slots, prefix)}
     plan = _Plan()
+    filled_by: dict[str, str] = {}  # variable's torch name -> the key that fills it
     reinitialized: set[str] = set()
     for key in source.keys():
-        slot = next(
-            (slots[c] for c in _candidates(key, prefix, family.renames) if c in slots), None
-        )
-        if slot is None:
-            _unmatched(key, plan, tied, prefix, backbone_roots, family.optional_modules)
+        match = next((c for c in _candidates(key, prefix, family.renames) if c in names), None)
+        if match is None:
+            if key not in tied and not (ignored and ignored.search(key)):
+                _unmatched(key, plan, prefix, backbone_roots, family.optional_modules)
             continue
+        slot = names[match]
         shape = tuple(source.shape(key))
         if shape != slot.torch_shape:
             reinitialized.add(slot.torch_name)  # reported as mis-shaped, not also as missing
@@ -98,13 +106,17 @@ def plan_load(model, source, ignore_mismatched_sizes: bool = False) -> _Plan:
                 f"{slot.torch_shape}"
             )
             continue
-        if slot.torch_name in {s.torch_name for s in plan.assignments.values()}:
+        first = filled_by.get(slot.torch_name)
+        if first is None:
+            filled_by[slot.torch_name] = key
+            plan.assignments[key] = slot
+        elif _tie_group(slot) >= {match, _matched(first, prefix, family.renames, names)}:
+            plan.tie_copies[key] = first  # one table under several tied names
+        else:
             plan.problems.append(f"duplicate: {key} fills {slot.torch_name} a second time")
-            continue
-        plan.assignments[key] = slot
-    filled = {slot.torch_name for slot in plan.assignments.values()} | reinitialized
+    filled = set(filled_by) | reinitialized
     for name, slot in slots.items():
-        if name in filled:
+        if name in filled or slot.part == "counter":  # a counter absent starts at zero
             continue
         if slot.part == "backbone":
             plan.problems.append(f"missing: {name}")
@@ -113,19 +125,25 @@ def plan_load(model, source, ignore_mismatched_sizes: bool = False) -> _Plan:
     return plan
 
 
+def _tie_group(slot: Slot) -> set[str]:
+    return {slot.torch_name, *slot.tied}
+
+
+def _matched(key: str, prefix: str, renames, names) -> str:
+    return next(c for c in _candidates(key, prefix, renames) if c in names)
+
+
 def _backbone_names(slots, prefix):
     for name, slot in slots.items():
         if slot.part != "head":
-            yield name[len(prefix) :] if name.startswith(prefix) else name
+            yield name[len(prefix) :] if prefix and name.startswith(prefix) else name
 
 
-def _unmatched(key, plan, tied, prefix, backbone_roots, optional_modules) -> None:
-    """A key no parameter takes: ignored, dropped with a report, or a problem."""
-    if key in tied or IGNORED_BUFFERS.search(key):
-        return
-    bare = key[len(prefix) :] if key.startswith(prefix) else key
+def _unmatched(key, plan, prefix, backbone_roots, optional_modules) -> None:
+    """A key no variable takes: dropped with a report, or a problem."""
+    bare = key[len(prefix) :] if prefix and key.startswith(prefix) else key
     root = bare.split(".")[0]
-    in_backbone = key.startswith(prefix) or root in backbone_roots
+    in_backbone = (prefix and key.startswith(prefix)) or root in backbone_roots
     if in_backbone and root not in optional_modules:
         plan.problems.append(f"unexpected: {key}")
     else:  # another task's head, or an optional module (a pooler) this task does not use
@@ -155,7 +173,9 @@ def load_weights(
     with tqdm(total=len(plan.assignments), desc="loading", unit="tensor", disable=not show) as bar:
         for file_keys in source.keys_by_file():
             for key in file_keys:
-                if key in plan.assignments:
+                if key in plan.tie_copies:
+                    _check_tied_copy(source, key, plan.tie_copies[key], where)
+                elif key in plan.assignments:
                     slot = plan.assignments[key]
                     value = _place(source, key, slot, mesh, rules)
                     if slot.index is None:
@@ -165,6 +185,15 @@ def load_weights(
                     bar.update()
     stacks.check_complete()
     return plan.info
+
+
+def _check_tied_copy(source, key: str, first: str, where: str) -> None:
+    """A checkpoint may carry a tied table under several names; they must be one table."""
+    if not np.array_equal(source.read(key), source.read(first)):
+        raise CheckpointError(
+            f"{where}: {key} and {first} are tied (one table in the model) but their values "
+            f"differ in the checkpoint"
+        )
 
 
 class _Stacks:

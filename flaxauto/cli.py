@@ -25,7 +25,7 @@ from flaxauto import AutoModel, layers, modeling, registry
 from flaxauto.converters.errors import CheckpointError
 from flaxauto.converters.files import open_tensors, resolve_checkpoint
 from flaxauto.converters.layout import tied_names
-from flaxauto.converters.loader import IGNORED_BUFFERS
+from flaxauto.converters.loader import ignored_pattern
 
 DEMO_SENTENCES = (
     "A man is eating food.",
@@ -110,17 +110,24 @@ def _tied_copies(checkpoint, config: dict) -> set[str]:
         return set()
 
 
+def _ignored_buffers(model_type: str):
+    """The family's ignorable buffer names (not parameters), when flaxauto knows the family."""
+    tasks = registry.supported().get(model_type)
+    return ignored_pattern(registry.lookup(model_type, tasks[0])[0]) if tasks else None
+
+
 def info(args) -> int:
     checkpoint = resolve_checkpoint(args.src)
     config = _read_config(checkpoint)
     model_type = config["model_type"]
     skipped = _tied_copies(checkpoint, config)
+    ignored = _ignored_buffers(model_type)
     dtypes, parameters = Counter(), 0
     with open_tensors(checkpoint) as source:
         for key in source.keys():
             dtype = source.dtype(key)
             dtypes[dtype.name] += 1
-            if _is_float(dtype) and key not in skipped and not IGNORED_BUFFERS.search(key):
+            if _is_float(dtype) and key not in skipped and not (ignored and ignored.search(key)):
                 parameters += int(np.prod(source.shape(key)))
     files = len(checkpoint.weight_files)
     layout = "single file" if checkpoint.weight_map is None else f"sharded, {files} files"

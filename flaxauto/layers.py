@@ -7,6 +7,7 @@ models are built abstractly and placed by the loader, not at construction time.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -63,10 +64,70 @@ def _axes(*names: str | None) -> dict:
     return {"out_sharding": names, "eager_sharding": False}
 
 
-# Placeholder initialisers: models are built with nnx.eval_shape and then filled from a checkpoint or
-# by `flaxauto.modeling.initialize`, which follows transformers' _init_weights rules.
-_ZEROS = nnx.initializers.zeros_init()
-_ONES = nnx.initializers.ones_init()
+# --- abstract construction ---------------------------------------------------------------------
+# Models are built abstractly without tracing: every parameter's initialiser returns a
+# jax.ShapeDtypeStruct and RNG streams hold ShapeDtypeStructs too, so a build runs no XLA program
+# (a first eager jax.random op costs 0.1-0.6 s of compilation) and allocates nothing. The loader
+# then fills the variables from a checkpoint, and `flaxauto.modeling.initialize_abstract` gives
+# what is left transformers' _init_weights values and the RNG streams their keys.
+
+
+def _placeholder(key, shape, dtype=jnp.float32, **_) -> jax.ShapeDtypeStruct:
+    """An initialiser for flax modules that returns the shape and dtype only (the key is None)."""
+    del key
+    return jax.ShapeDtypeStruct(tuple(shape), jnp.dtype(dtype))
+
+
+_ZEROS = _ONES = _placeholder  # the names say what initialize_abstract gives them
+
+
+@functools.cache
+def _key_type() -> jax.ShapeDtypeStruct:
+    """The abstract form of a jax.random.key under the configured PRNG implementation."""
+    return jax.eval_shape(jax.random.key, 0)  # one primitive, once per process
+
+
+@functools.cache
+def key_data_shape() -> tuple[int, ...]:
+    """The uint32 words of one key (jax.random.key_data's trailing shape)."""
+    return jax.eval_shape(jax.random.key_data, _key_type()).shape
+
+
+def is_abstract(value) -> bool:
+    return isinstance(value, jax.ShapeDtypeStruct)
+
+
+class DeferredRngStream(nnx.RngStream):
+    """An nnx.RngStream whose key and count stay abstract until initialize_abstract sets them.
+
+    While abstract, drawing a key gives None (the placeholder initialisers ignore it) and fork()
+    gives another deferred stream; once the values are set it is an ordinary RngStream."""
+
+    def __init__(self, key=None, *, tag: str, shape: tuple[int, ...] = ()):
+        if key is not None:  # fork() and split() of a concrete stream
+            super().__init__(key, tag=tag)
+            return
+        self.tag = tag
+        self.key = nnx.RngKey(jax.ShapeDtypeStruct(shape, _key_type().dtype), tag=tag)
+        self.count = nnx.RngCount(jax.ShapeDtypeStruct(shape, jnp.uint32), tag=tag)
+
+    def _deferred(self) -> bool:
+        return is_abstract(self.key.get_value())
+
+    def __call__(self):
+        return None if self._deferred() else super().__call__()
+
+    def fork(self, **kwargs):
+        if self._deferred():
+            return type(self)(tag=self.tag, shape=self.key.get_value().shape)
+        return super().fork(**kwargs)
+
+
+def abstract_rngs() -> nnx.Rngs:
+    """Rngs for an abstract build: every stream (params, dropout, ...) is one deferred stream."""
+    rngs = nnx.Rngs()
+    rngs.default = DeferredRngStream(tag="default")
+    return rngs
 
 
 def linear(
@@ -416,3 +477,286 @@ def split_heads(x: Array, num_heads: int) -> Array:
 def merge_heads(x: Array) -> Array:
     """[B, T, H, D] -> [B, T, H*D]."""
     return x.reshape(*x.shape[:-2], x.shape[-2] * x.shape[-1])
+
+
+# --- persistent buffers, convolution, batch and group normalisation (vision and speech) ---------
+
+
+class Buffer(nnx.Variable):
+    """A persistent tensor that is not trained (transformers' register_buffer with
+    persistent=True, e.g. BART's final_logits_bias): saved and loaded like a parameter, but an
+    optimiser or nnx.grad over nnx.Param leaves it alone."""
+
+
+def parameter(shape, axes: tuple, precision: Precision, *, init: str | None = None) -> nnx.Param:
+    """A bare parameter (e.g. a head's output bias); init as converters.layout.Leaf.init."""
+    metadata = _axes(*axes) | ({"init": init} if init else {})
+    return nnx.Param(_placeholder(None, shape, precision.param_dtype), **metadata)
+
+
+def buffer(shape, axes: tuple, dtype, *, init: str = "zeros") -> Buffer:
+    return Buffer(_placeholder(None, shape, dtype), **_axes(*axes), init=init)
+
+
+def _spatial(value, n: int, name: str) -> tuple[int, ...]:
+    values = (value,) * n if isinstance(value, int) else tuple(value)
+    if len(values) != n:
+        raise ValueError(f"{name}={value!r} does not give one value per spatial dimension ({n})")
+    return values
+
+
+def _spatial_dims(kernel_size, spatial_dims: int | None) -> int:
+    """Conv1d, 2d or 3d: from a tuple kernel_size, or given with an int one (torch's class)."""
+    if spatial_dims is None:
+        if isinstance(kernel_size, int):
+            raise ValueError("an int kernel_size needs spatial_dims (1, 2 or 3: torch's Conv{N}d)")
+        return len(kernel_size)
+    return spatial_dims
+
+
+def conv_padding(padding, kernel_size, dilation) -> list[tuple[int, int]]:
+    """torch's Conv padding (an int, one int per dimension, "valid" or "same") as (low, high)
+    pairs. "same" puts the odd element at the end, as torch does."""
+    n = len(kernel_size)
+    if padding == "valid":
+        return [(0, 0)] * n
+    if padding == "same":
+        totals = [d * (k - 1) for k, d in zip(kernel_size, dilation, strict=True)]
+        return [(t // 2, t - t // 2) for t in totals]
+    if isinstance(padding, str):
+        raise NotImplementedError(f"padding={padding!r} is not implemented")
+    return [(p, p) for p in _spatial(padding, n, "padding")]
+
+
+def conv(
+    in_features: int,
+    out_features: int,
+    kernel_size,
+    axes: tuple[str | None, str | None],
+    precision: Precision,
+    rngs: nnx.Rngs,
+    *,
+    stride=1,
+    padding=0,
+    dilation=1,
+    groups: int = 1,
+    use_bias: bool = True,
+    padding_mode: str = "zeros",
+    spatial_dims: int | None = None,
+) -> nnx.Conv:
+    """torch.nn.Conv{N}d (stride, padding, dilation, groups as torch takes them) over
+    channels-last inputs [B, *spatial, C]. The kernel is [*kernel_size, C / groups, O] (HWIO);
+    PyTorch stores [O, C / groups, *kernel_size] and the converters transpose it.
+    axes: the logical axes of the input and output channels; spatial_dims: N, needed when
+    kernel_size is one int."""
+    if padding_mode != "zeros":
+        raise NotImplementedError(f"padding_mode={padding_mode!r} is not implemented")
+    n = _spatial_dims(kernel_size, spatial_dims)
+    kernel_size, dilation = (
+        _spatial(kernel_size, n, "kernel_size"),
+        _spatial(dilation, n, "dilation"),
+    )
+    if padding == "same" and any(s != 1 for s in _spatial(stride, n, "stride")):
+        raise ValueError("padding='same' is not supported for strided convolutions (as in torch)")
+    return nnx.Conv(
+        in_features,
+        out_features,
+        kernel_size,
+        strides=_spatial(stride, n, "stride"),
+        padding=conv_padding(padding, kernel_size, dilation),
+        kernel_dilation=dilation,
+        feature_group_count=groups,
+        use_bias=use_bias,
+        dtype=precision.dtype,
+        param_dtype=precision.param_dtype,
+        kernel_init=_placeholder,
+        bias_init=_placeholder,
+        kernel_metadata=_axes(*([None] * n), *axes),
+        bias_metadata=_axes(axes[1]),
+        rngs=rngs,
+    )
+
+
+class WeightNormConv(nnx.Module):
+    """A Conv under torch's weight_norm(conv, dim=dim) (wav2vec2's positional convolution uses
+    dim=2, the kernel axis): kernel = weight_g * weight_v / ||weight_v||, the norm taken over
+    every axis but `dim`. weight_v is stored like Conv's kernel, [*kernel_size, C / groups, O];
+    weight_g has its rank, 1 along every axis but `dim` (torch dims; the layout moves them)."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        kernel_size,
+        axes: tuple[str | None, str | None],
+        precision: Precision,
+        *,
+        dim: int,
+        stride=1,
+        padding=0,
+        dilation=1,
+        groups: int = 1,
+        use_bias: bool = True,
+        spatial_dims: int | None = None,
+    ):
+        n = _spatial_dims(kernel_size, spatial_dims)
+        kernel_size = _spatial(kernel_size, n, "kernel_size")
+        self.dilation = _spatial(dilation, n, "dilation")
+        self.strides = _spatial(stride, n, "stride")
+        self.padding = conv_padding(padding, kernel_size, self.dilation)
+        self.groups = groups
+        self.dtype = precision.dtype
+        torch_shape = (out_features, in_features // groups, *kernel_size)
+        if not -len(torch_shape) <= dim < len(torch_shape):
+            raise NotImplementedError(f"weight_norm dim={dim!r} is not implemented")
+        dim %= len(torch_shape)
+        # flax axis j holds torch axis (*range(2, n + 2), 1, 0)[j]
+        self.norm_axis = (*range(2, n + 2), 1, 0).index(dim)
+        shape = (*kernel_size, in_features // groups, out_features)
+        g_shape = tuple(s if j == self.norm_axis else 1 for j, s in enumerate(shape))
+        param = precision.param_dtype
+        self.weight_g = nnx.Param(_placeholder(None, g_shape, param), **_axes(*([None] * (n + 2))))
+        self.weight_v = nnx.Param(_placeholder(None, shape, param), **_axes(*([None] * n), *axes))
+        bias = _placeholder(None, (out_features,), param)
+        self.bias = nnx.Param(bias, **_axes(axes[1])) if use_bias else nnx.data(None)
+
+    def kernel(self) -> Array:
+        v = self.weight_v[...]
+        others = tuple(j for j in range(v.ndim) if j != self.norm_axis)
+        norm = jnp.sqrt(jnp.sum(jnp.square(v.astype(jnp.float32)), axis=others, keepdims=True))
+        return (v * (self.weight_g[...] / norm).astype(v.dtype)).astype(self.dtype)
+
+    def __call__(self, x: Array) -> Array:  # [B, *spatial, C] -> [B, *spatial', O]
+        kernel = self.kernel()
+        ndim = kernel.ndim
+        numbers = jax.lax.ConvDimensionNumbers(
+            lhs_spec=(0, ndim - 1, *range(1, ndim - 1)),
+            rhs_spec=(ndim - 1, ndim - 2, *range(ndim - 2)),
+            out_spec=(0, ndim - 1, *range(1, ndim - 1)),
+        )
+        y = jax.lax.conv_general_dilated(
+            x.astype(self.dtype),
+            kernel,
+            window_strides=self.strides,
+            padding=self.padding,
+            rhs_dilation=self.dilation,
+            dimension_numbers=numbers,
+            feature_group_count=self.groups,
+        )
+        if self.bias is not None:
+            y = y + _per_channel(self.bias[...], y.ndim).astype(y.dtype)
+        return y
+
+
+def _per_channel(values: Array, ndim: int) -> Array:
+    """[C] -> [1, ..., 1, C], to broadcast over a channels-last array of rank ndim."""
+    return values.reshape((1,) * (ndim - 1) + (-1,))
+
+
+def weight_norm_conv(
+    in_features: int, out_features: int, kernel_size, axes, precision: Precision, **options
+) -> WeightNormConv:
+    return WeightNormConv(in_features, out_features, kernel_size, axes, precision, **options)
+
+
+class BatchNorm(nnx.Module):
+    """torch.nn.BatchNorm{1,2,3}d over channels-last inputs [B, ..., C].
+
+    With use_running_average (model.eval()) it normalises with the running statistics. In
+    training it normalises with the batch's mean and biased variance and updates the running
+    statistics as torch does: running = (1 - momentum) * running + momentum * batch, with the
+    unbiased variance, and counts the batch in num_batches_tracked. momentum is torch's (flax's
+    is 1 - torch's); momentum=None is torch's cumulative average (1 / num_batches_tracked)."""
+
+    def __init__(
+        self,
+        num_features: int,
+        *,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        precision: Precision,
+    ):
+        if not track_running_stats:
+            raise NotImplementedError("BatchNorm with track_running_stats=False is not implemented")
+        self.eps, self.momentum = eps, momentum
+        self.dtype = precision.dtype
+        self.use_running_average = False
+        param, axes = precision.param_dtype, _axes("embed")
+        if affine:
+            self.scale = nnx.Param(_placeholder(None, (num_features,), param), **axes)
+            self.bias = nnx.Param(_placeholder(None, (num_features,), param), **axes)
+        else:
+            self.scale = self.bias = nnx.data(None)
+        self.mean = nnx.BatchStat(_placeholder(None, (num_features,), param), **axes)
+        self.var = nnx.BatchStat(_placeholder(None, (num_features,), param), **axes)
+        # torch keeps an int64 counter; jax (without x64) holds it as int32, saved as int64
+        counter = _placeholder(None, (), jnp.int32)
+        self.num_batches_tracked = nnx.BatchStat(
+            counter, **_axes(), counter=True, torch_dtype="int64"
+        )
+
+    def __call__(self, x: Array) -> Array:
+        x32 = x.astype(jnp.float32)
+        if self.use_running_average:
+            mean, var = self.mean[...].astype(jnp.float32), self.var[...].astype(jnp.float32)
+        else:
+            reduce = tuple(range(x.ndim - 1))
+            count = math.prod(x.shape[:-1])
+            if count < 2:
+                raise ValueError(
+                    f"Expected more than 1 value per channel when training, got input {x.shape}"
+                )
+            mean = jnp.mean(x32, axis=reduce)
+            centred = x32 - _per_channel(mean, x.ndim)
+            var = jnp.mean(jnp.square(centred), axis=reduce)  # biased: what normalises
+            self._update_statistics(mean, var * (count / (count - 1)))
+        mean, var = _per_channel(mean, x.ndim), _per_channel(var, x.ndim)
+        y = (x32 - mean) * jax.lax.rsqrt(var + self.eps)
+        if self.scale is not None:
+            scale, bias = (
+                _per_channel(p[...].astype(jnp.float32), x.ndim) for p in (self.scale, self.bias)
+            )
+            y = y * scale + bias
+        return y.astype(self.dtype)
+
+    def _update_statistics(self, mean: Array, unbiased_var: Array) -> None:
+        tracked = self.num_batches_tracked[...] + 1
+        self.num_batches_tracked[...] = tracked
+        factor = 1.0 / tracked.astype(jnp.float32) if self.momentum is None else self.momentum
+        for stat, batch in ((self.mean, mean), (self.var, unbiased_var)):
+            running = stat[...].astype(jnp.float32)
+            stat[...] = ((1 - factor) * running + factor * batch).astype(stat[...].dtype)
+
+
+def batch_norm(num_features: int, precision: Precision, **options) -> BatchNorm:
+    return BatchNorm(num_features, precision=precision, **options)
+
+
+def group_norm(
+    num_groups: int, num_channels: int, eps: float, precision: Precision, rngs: nnx.Rngs, *,
+    affine: bool = True,
+) -> nnx.GroupNorm:  # fmt: skip
+    """torch.nn.GroupNorm(num_groups, num_channels) over channels-last inputs [B, *spatial, C]:
+    channels split into consecutive groups, each normalised over its channels and every spatial
+    position with the biased two-pass variance (statistics in float32), then scaled per channel."""
+    if num_channels % num_groups:
+        raise ValueError(
+            f"num_channels={num_channels} is not a multiple of num_groups={num_groups}"
+        )
+    return nnx.GroupNorm(
+        num_channels,
+        num_groups=num_groups,
+        epsilon=eps,
+        dtype=precision.dtype,
+        param_dtype=precision.param_dtype,
+        use_bias=affine,
+        use_scale=affine,
+        scale_init=_placeholder,
+        bias_init=_placeholder,
+        use_fast_variance=False,
+        scale_metadata=_axes("embed"),
+        bias_metadata=_axes("embed"),
+        rngs=rngs,
+    )

@@ -1,15 +1,15 @@
 """The model: backbone + head, built abstractly and filled from a checkpoint or initialised.
 
 `from_pretrained` never random-initialises a weight the checkpoint provides: the model is built
-with `nnx.eval_shape`, the loader streams tensors into it, and only what the checkpoint lacks
-(a new head, a pooler) is initialised, by transformers' rules, and reported.
+abstractly (shapes only, see build_abstract), the loader streams tensors into it, and only what
+the checkpoint lacks (a new head, a pooler) is initialised, by transformers' rules, and reported.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
+import math
 import os
 from pathlib import Path
 
@@ -201,54 +201,26 @@ def _execution_options(family, **requested) -> dict:
     return options
 
 
-def build_abstract(
-    config, task: str, precision: layers.Precision, seed: int = 0, **execution
-) -> Model:
-    """The model with every array a ShapeDtypeStruct: no memory, no initialisation.
+def build_abstract(config, task: str, precision: layers.Precision, **execution) -> Model:
+    """The model with every variable a ShapeDtypeStruct: no memory, no initialisation.
 
-    execution: scan_layers (stack the layers and run them with nnx.scan: compile time stays
+    Built without tracing: the layers' initialisers return shapes and the RNG streams are
+    deferred (layers.abstract_rngs), so no jax program runs; initialize_abstract gives values.
+    execution: scan_layers (stack the layers and run them with jax.lax.scan: compile time stays
     flat in depth) and remat (recompute each layer's activations in the backward pass)."""
-    with _unexplained_tracer_attribute_errors():
-        return nnx.eval_shape(lambda: Model(config, task, precision, nnx.Rngs(seed), **execution))
-
-
-@contextlib.contextmanager
-def _unexplained_tracer_attribute_errors():
-    """Skip the explanation jax writes into a tracer's AttributeError while the model is traced.
-
-    Each RNG draw in a module's constructor makes flax's Variable.set_value probe
-    `getattr(tracer, "sharding", None)`; jax explains the AttributeError by walking back over
-    the whole trace so far, so the build grows quadratically with the number of parameters
-    (about 0.4 s of 0.7 s for a 124M model). getattr's default swallows the message unread.
-    """
-    from jax._src.interpreters import partial_eval
-
-    tracer = getattr(partial_eval, "DynamicJaxprTracer", None)
-    explain = getattr(tracer, "_origin_msg", None)
-    if explain is None:  # another jax: nothing to skip
-        yield
-        return
-    tracer._origin_msg = lambda self: ""
-    try:
-        yield
-    finally:
-        tracer._origin_msg = explain
-
-
-def _is_abstract(value) -> bool:
-    return isinstance(value, jax.ShapeDtypeStruct)
+    return Model(config, task, precision, layers.abstract_rngs(), **execution)
 
 
 def initialize_abstract(model: Model, seed: int, mesh=None, rules=None) -> list[str]:
-    """Give every still-abstract variable a value: parameters by transformers' init rules,
-    dropout RNG streams from `seed`. Returns the PyTorch names of the parameters initialised."""
+    """Give every still-abstract variable a value: checkpoint tensors by transformers' init
+    rules, RNG streams keys from `seed`. Returns the PyTorch names of the tensors initialised."""
     from flaxauto.sharding import resolve_rules, variable_sharding
 
     std = getattr(model.config, "initializer_range", 0.02)
     initialised, fresh = [], set()  # a stacked variable serves several slots: init it once
     for index, (name, slot) in enumerate(parameter_slots(model).items()):
         abstract = slot.variable.get_value()
-        if _is_abstract(abstract):
+        if layers.is_abstract(abstract):
             value = initial_value(slot, jax.random.fold_in(jax.random.key(seed), index), std)
             if mesh is not None:
                 rules = resolve_rules(rules)
@@ -256,28 +228,33 @@ def initialize_abstract(model: Model, seed: int, mesh=None, rules=None) -> list[
                     value, variable_sharding(slot.variable, abstract.shape, mesh, rules)
                 )
             slot.variable.set_value(value)
-            fresh.add(id(slot.variable))
+            if slot.part != "counter":  # a counter starts at zero unremarked, as in transformers
+                fresh.add(id(slot.variable))
         if id(slot.variable) in fresh:
             initialised.append(name)
-    for index, (_, variable) in enumerate(nnx.iter_graph(model)):
-        if isinstance(variable, nnx.Variable) and _is_abstract(variable.get_value()):
-            variable.set_value(_rng_state(variable, seed, index))
+    for index, (path, variable) in enumerate(nnx.iter_graph(model)):
+        if isinstance(variable, nnx.Variable) and layers.is_abstract(variable.get_value()):
+            variable.set_value(_rng_state(variable, seed, index, path))
     return initialised
 
 
-def _rng_state(variable, seed: int, index: int):
+def _rng_state(variable, seed: int, index: int, path):
     abstract = variable.get_value()  # shape [L] for the streams of stacked layers
     if isinstance(variable, nnx.RngKey):
         # Key bits from numpy's SeedSequence (a hash of seed and position), wrapped as keys:
         # deriving them with jax.random would compile several small XLA programs first, a
         # noticeable part of loading a model.
-        data = jax.eval_shape(jax.random.key_data, abstract)
+        shape = (*abstract.shape, *layers.key_data_shape())
         entropy = (seed & (2**64 - 1), index)  # SeedSequence takes no negative numbers
-        bits = np.random.SeedSequence(entropy).generate_state(data.size, np.uint32)
-        return jax.random.wrap_key_data(bits.reshape(data.shape))
+        bits = np.random.SeedSequence(entropy).generate_state(math.prod(shape), np.uint32)
+        return jax.random.wrap_key_data(bits.reshape(shape))
     if isinstance(variable, nnx.RngCount):
         return jax.device_put(np.zeros(abstract.shape, np.uint32))
-    raise TypeError(f"cannot initialise {type(variable).__name__}")
+    name = ".".join(map(str, path))
+    raise TypeError(
+        f"cannot initialise {type(variable).__name__} at {name}: only checkpoint tensors "
+        f"(converters.layout.PERSISTENT) and RNG streams are filled after an abstract build"
+    )
 
 
 def from_config(
@@ -297,7 +274,7 @@ def from_config(
     attn_implementation: "eager", "fused" (jax.nn.dot_product_attention) or None: eager on
     CPU, fused on GPU/TPU (see layers.attention_implementation)."""
     precision = _precision(dtype, param_dtype, attn_implementation)
-    model = build_abstract(config, task, precision, seed, scan_layers=scan_layers, remat=remat)
+    model = build_abstract(config, task, precision, scan_layers=scan_layers, remat=remat)
     initialize_abstract(model, seed, mesh, rules)
     model.static.placement = (mesh, rules)  # where init_cache puts a cache by default
     model.eval()
@@ -355,7 +332,7 @@ def from_pretrained(
     )
     inputs.refuse_unused_config_keywords(unused, config)
     precision = _precision(dtype, param_dtype, attn_implementation)
-    model = build_abstract(config, task, precision, seed, scan_layers=scan_layers, remat=remat)
+    model = build_abstract(config, task, precision, scan_layers=scan_layers, remat=remat)
     if mesh is not None:
         from flaxauto.sharding import resolve_rules
 

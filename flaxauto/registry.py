@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import importlib
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
@@ -116,6 +116,14 @@ class Family:
     renames: Mapping[str, str] = field(default_factory=dict)
     #: the name of the backbone's first positional input
     main_input_name: str = "input_ids"
+    #: tables shared inside the backbone: owner module -> the modules that use it under their own
+    #: names ({"shared": ("encoder.embed_tokens", "decoder.embed_tokens")}); the model holds one
+    #: table, a checkpoint may carry any of the names, save writes the owner's. A callable
+    #: config -> mapping for ties that depend on the config (transformers' tie_word_embeddings)
+    ties: Mapping[str, tuple[str, ...]] | Callable = field(default_factory=dict)
+    #: checkpoint names dropped on load (the end of a name, at a dot): buffers older transformers
+    #: versions saved, such as "rotary_emb.inv_freq" or "position_ids"
+    ignored: tuple[str, ...] = ()
     #: config attributes the family implements (flaxauto.config_checks refuses any other set
     #: away from its default); None: not checked
     config_attributes: frozenset[str] | None = None
@@ -133,6 +141,8 @@ def register(
     optional_modules: tuple[str, ...] = (),
     renames: Mapping[str, str] | None = None,
     main_input_name: str = "input_ids",
+    ties: Mapping[str, tuple[str, ...]] | Callable | None = None,
+    ignored: tuple[str, ...] = (),
     config_attributes: Iterable[str] | None = None,
     config_class: type | None = None,
     exist_ok: bool = False,
@@ -155,6 +165,8 @@ def register(
         optional_modules=tuple(optional_modules),
         renames=dict(renames or {}),
         main_input_name=main_input_name,
+        ties=ties if callable(ties) else MappingProxyType(dict(ties or {})),
+        ignored=tuple(ignored),
         config_attributes=None if config_attributes is None else frozenset(config_attributes),
     )
     taken = [t for t in family.model_types if t in _FAMILIES]

@@ -15,6 +15,8 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from flaxauto.layers import Buffer
+
 Rules = Mapping[str, str | tuple[str, ...] | None]
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -108,10 +110,11 @@ def shard_batch(batch: Mapping, mesh: Mesh) -> dict:
 
 
 def shard_model(model: nnx.Module, mesh: Mesh, rules: Rules | str | None = None) -> nnx.Module:
-    """Move an existing model's parameters into their shards on `mesh` (in place)."""
+    """Move an existing model's parameters, batch statistics and buffers into their shards on
+    `mesh` (in place)."""
     rules = resolve_rules(rules)
     for _, variable in nnx.iter_graph(model):
-        if isinstance(variable, nnx.Param):
+        if isinstance(variable, (nnx.Param, nnx.BatchStat, Buffer)):
             value = variable.get_value()
             variable.set_value(
                 jax.device_put(value, variable_sharding(variable, value.shape, mesh, rules))

@@ -17,12 +17,23 @@ class ScannedLayers(nnx.Module):
     depth. Checkpoints keep transformers' per-layer names (converters.layout unstacks them)."""
 
     def __init__(self, make_layer, num_layers: int, rngs: nnx.Rngs):
-        @nnx.split_rngs(splits=num_layers)
-        @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
-        def create(rngs):
-            return make_layer(0, rngs)
-
-        self.block = create(rngs)
+        # Built abstractly (flaxauto.modeling.build_abstract): layer 0 is built once and each of
+        # its variables becomes [L, ...], as nnx.vmap would make it, without tracing.
+        block = make_layer(0, rngs)
+        for path, variable in nnx.iter_graph(block):
+            if not isinstance(variable, nnx.Variable):
+                continue
+            value = variable.get_value()
+            if not layers.is_abstract(value):
+                raise TypeError(
+                    f"ScannedLayers stacks abstract variables only (build the model with "
+                    f"flaxauto.modeling.build_abstract); {'.'.join(map(str, path))} has a value"
+                )
+            variable.set_value(jax.ShapeDtypeStruct((num_layers, *value.shape), value.dtype))
+            axes = variable.get_metadata("out_sharding", None)
+            if axes is not None:
+                variable.set_metadata("out_sharding", ("layers", *axes))
+        self.block = block
         self.num_layers = num_layers
 
 
@@ -104,8 +115,10 @@ def run_layers(
         layer = nnx.merge(graphdef, layer_state)
         hidden, probs, new_item = call(layer, hidden, item)
         kept = (hidden if output_hidden_states else None, probs if output_attentions else None)
-        # in training, dropout advanced its RNG streams: hand them back to the real layer
-        streams = nnx.state(layer, nnx.RngState) if _training(layer) else None
+        # in training, dropout advanced its RNG streams and batch norms their statistics: hand
+        # them back to the real layer
+        training = nnx.Any(nnx.RngState, nnx.BatchStat)
+        streams = nnx.state(layer, training) if _training(layer) else None
         return hidden, (kept, new_item, streams)
 
     if remat:
@@ -141,8 +154,9 @@ def run_layers(
 
 
 def _training(module: nnx.Module) -> bool:
-    """Whether any dropout in `module` is active (model.train())."""
+    """Whether any dropout or batch norm in `module` is in training mode (model.train())."""
     return any(
-        isinstance(m, nnx.Dropout) and not m.deterministic and m.rate > 0
+        (isinstance(m, nnx.Dropout) and not m.deterministic and m.rate > 0)
+        or (isinstance(m, layers.BatchNorm) and not m.use_running_average)
         for _, m in nnx.iter_modules(module)
     )

@@ -47,11 +47,7 @@ class MaskedLMHead(Head):
                 hidden, vocab, ("embed", "vocab"), precision, rngs, use_bias=False
             )
             self.tied_names = ("decoder.bias",)  # transformers ties the decoder bias to `bias`
-        self.bias = nnx.Param(
-            jnp.zeros((vocab,), precision.param_dtype),
-            out_sharding=("vocab",),
-            eager_sharding=False,
-        )
+        self.bias = layers.parameter((vocab,), ("vocab",), precision, init="zeros")
 
     def __call__(self, features, *, backbone, inputs, labels=None):
         hidden = self.layer_norm(self.activation(self.dense(features.last_hidden_state)))

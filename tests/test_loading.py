@@ -121,6 +121,33 @@ def test_legacy_names_and_tied_decoder_keys_load_silently(tmp_path):
     assert max_diff(model(**INPUTS).logits, run_torch(torch_mlm, INPUTS).logits) <= 1e-4
 
 
+def test_rotary_inverse_frequencies_of_older_checkpoints_are_ignored(tmp_path):
+    """transformers before 4.31 saved each layer's rotary_emb.inv_freq; Llama declares it
+    ignorable (it is recomputed from the config)."""
+    torch_lm = torch_model("llama", "causal-lm")
+    state = _state_numpy(torch_lm)
+    inv_freq = torch_lm.model.rotary_emb.inv_freq.numpy()
+    for layer in range(torch_lm.config.num_hidden_layers):
+        state[f"model.layers.{layer}.self_attn.rotary_emb.inv_freq"] = inv_freq
+    directory = _write(tmp_path, torch_lm.config, state)
+    model, info = flaxauto.AutoModelForCausalLM.from_pretrained(directory, output_loading_info=True)
+    assert info == {"missing_keys": [], "unexpected_keys": [], "mismatched_keys": []}
+    ids = {"input_ids": np.random.default_rng(0).integers(3, 99, (2, 7))}
+    assert max_diff(model(**ids).logits, run_torch(torch_lm, ids).logits) <= 1e-4
+
+
+def test_ignored_buffers_are_each_familys_own(bert_base, tmp_path):
+    """Llama's ignorable buffer in a BERT checkpoint is an unexpected tensor, not dropped."""
+    torch_base, _ = bert_base
+    state = _state_numpy(torch_base)
+    state["encoder.layer.0.attention.self.rotary_emb.inv_freq"] = np.ones(4, np.float32)
+    directory = _write(tmp_path, torch_base.config, state)
+    with pytest.raises(
+        flaxauto.CheckpointError, match=r"unexpected: encoder\.layer\.0\..*inv_freq"
+    ):
+        flaxauto.AutoModel.from_pretrained(directory)
+
+
 # --- problems: all of them, in one error ---------------------------------------------------------
 
 

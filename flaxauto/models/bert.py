@@ -218,6 +218,7 @@ register(
     backbone=BertModel,
     base_model_prefix="bert",
     optional_modules=("pooler",),
+    ignored=("embeddings.position_ids", "embeddings.token_type_ids"),
     config_attributes=CONFIG_ATTRIBUTES,
     heads={
         **COMMON_HEADS,

@@ -145,6 +145,7 @@ register(
     model_types=("distilbert",),
     backbone=DistilBertModel,
     base_model_prefix="distilbert",
+    ignored=("embeddings.position_ids",),
     config_attributes=CONFIG_ATTRIBUTES,
     heads={
         "base": HeadSpec(None),

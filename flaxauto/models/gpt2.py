@@ -177,6 +177,7 @@ register(
     model_types=("gpt2",),
     backbone=GPT2Model,
     base_model_prefix="transformer",
+    ignored=("attn.bias", "attn.masked_bias"),  # causal masks older transformers saved
     config_attributes=CONFIG_ATTRIBUTES,
     heads={
         "base": HeadSpec(None),

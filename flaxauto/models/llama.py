@@ -251,12 +251,15 @@ QWEN2_CONFIG_ATTRIBUTES = (
 )  # fmt: skip
 
 # Llama's and Qwen2's ForQuestionAnswering keep the backbone under "transformer" (as older
-# checkpoints did); Mistral's under "model".
+# checkpoints did); Mistral's under "model". Checkpoints written by transformers before 4.31
+# carry each layer's rotary inverse frequencies (recomputed from the config, never loaded).
+IGNORED = ("rotary_emb.inv_freq",)
 register(
     model_types=("llama",),
     backbone=LlamaModel,
     base_model_prefix="model",
     heads=heads("transformer"),
+    ignored=IGNORED,
     config_attributes=LLAMA_CONFIG_ATTRIBUTES,
 )
 register(
@@ -264,6 +267,7 @@ register(
     backbone=MistralModel,
     base_model_prefix="model",
     heads=heads(),
+    ignored=IGNORED,
     config_attributes=MISTRAL_CONFIG_ATTRIBUTES,
 )
 register(
@@ -271,5 +275,6 @@ register(
     backbone=Qwen2Model,
     base_model_prefix="model",
     heads=heads("transformer"),
+    ignored=IGNORED,
     config_attributes=QWEN2_CONFIG_ATTRIBUTES,
 )

@@ -44,6 +44,7 @@ register(
     backbone=RobertaModel,
     base_model_prefix="roberta",
     optional_modules=("pooler",),
+    ignored=("embeddings.position_ids", "embeddings.token_type_ids"),
     config_attributes=CONFIG_ATTRIBUTES,
     heads={
         **COMMON_HEADS,
