@@ -27,6 +27,8 @@ from pathlib import Path
 # Quiet transformers and the Hub (set before either is imported): the tables are the output.
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+# On a GPU, JAX would otherwise take 75% of its memory at start, starving PyTorch beside it.
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 COLUMNS = ("benchmark", "case", "flaxauto", "alternative", "ratio", "target", "met", "note")
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -42,6 +44,41 @@ def parser(description: str) -> argparse.ArgumentParser:
 def cores() -> int:
     """The CPU cores this process may use (what XLA's thread pool sizes itself by)."""
     return len(os.sched_getaffinity(0))
+
+
+def on_gpu() -> bool:
+    """Whether JAX's default backend is a GPU and PyTorch sees CUDA: the side-by-side benchmarks
+    then run both frameworks there (on CPU they run exactly as before)."""
+    import jax
+
+    if jax.default_backend() != "gpu":
+        return False
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def torch_device() -> str:
+    """Where the PyTorch side of a comparison runs: "cuda" beside JAX on a GPU, else "cpu"."""
+    return "cuda" if on_gpu() else "cpu"
+
+
+def synchronize(device: str) -> None:
+    """Wait for PyTorch's queued work: CUDA kernels run asynchronously, and a timed function must
+    block until its work is done."""
+    if device == "cuda":
+        import torch
+
+        torch.cuda.synchronize()
+
+
+def devices_label() -> str:
+    """Which devices ran a GPU row: JAX's default device and PyTorch's CUDA device."""
+    import jax
+    import torch
+
+    ours = jax.devices()[0]
+    return f"jax {ours.platform} {ours.device_kind}; torch cuda {torch.cuda.get_device_name()}"
 
 
 def interleaved(fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 2):
@@ -101,8 +138,9 @@ def machine() -> str:
             cpu = next(line.split(":", 1)[1].strip() for line in f if "model name" in line)
     except (OSError, StopIteration):
         pass
+    accelerator = "" if jax.default_backend() == "cpu" else f", {jax.devices()[0].device_kind}"
     return (
-        f"{cpu}, {cores()} cores, jax {jax.__version__} ({jax.default_backend()}), "
+        f"{cpu}, {cores()} cores{accelerator}, jax {jax.__version__} ({jax.default_backend()}), "
         f"load average {os.getloadavg()[0]:.1f} at the end"
     )
 
