@@ -16,6 +16,7 @@ row of the table. Known keys (any may be absent; other keys become extra columns
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import platform
 import resource
@@ -23,6 +24,8 @@ import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
+
+import numpy as np
 
 # Quiet transformers and the Hub (set before either is imported): the tables are the output.
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
@@ -32,6 +35,7 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 COLUMNS = ("benchmark", "case", "flaxauto", "alternative", "ratio", "target", "met", "note")
 RESULTS = Path(__file__).resolve().parent / "results"
+TF32_ERROR = 3e-5  # fp32 matmul relative error above this means TF32 inputs (2^-11 rounding)
 
 
 def parser(description: str) -> argparse.ArgumentParser:
@@ -79,6 +83,32 @@ def devices_label() -> str:
 
     ours = jax.devices()[0]
     return f"jax {ours.platform} {ours.device_kind}; torch cuda {torch.cuda.get_device_name()}"
+
+
+def precision_scope(precision: str | None):
+    """JAX's default matmul precision for what is traced inside (None: JAX's own default)."""
+    import jax
+
+    return jax.default_matmul_precision(precision) if precision else contextlib.nullcontext()
+
+
+def jax_fp32_matmul_error(precision: str | None) -> float:
+    """Relative error of a [512, 512] fp32 product at `precision` against float64 on the host:
+    ~1e-6 for IEEE fp32, ~3e-4 for TF32 (inputs rounded to 10 mantissa bits)."""
+    import jax
+    import jax.numpy as jnp
+
+    rng = np.random.default_rng(1)
+    a, b = rng.standard_normal((2, 512, 512))
+    exact = a @ b
+    with precision_scope(precision):
+        product = jax.jit(jnp.matmul).lower(a.astype(np.float32), b.astype(np.float32)).compile()
+    got = np.asarray(product(jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32)))
+    return float(np.linalg.norm(got - exact) / np.linalg.norm(exact))
+
+
+def arithmetic(error: float) -> str:
+    return f"{'TF32' if error > TF32_ERROR else 'IEEE fp32'} (rel. err {error:.0e})"
 
 
 def interleaved(fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 2):

@@ -28,7 +28,6 @@ a row saying so. Rows are also written to results/gpu.md as each section ends.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import dataclasses
 import sys
@@ -46,7 +45,6 @@ EAGER, FUSED = "eager", "fused"
 
 # NVIDIA's H100/H200 SXM datasheet, dense (no sparsity): leads, beside what is measured here.
 DATASHEET = {"bf16": 989e12, "tf32": 494e12, "fp32": 67e12, "bandwidth": 4.8e12}
-TF32_ERROR = 3e-5  # fp32 matmul relative error above this means TF32 inputs (2^-11 rounding)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,29 +108,7 @@ class Budget:
             raise OutOfTime(f"skipped: {what} needs ~{needs:.0f} s, {max(left, 0):.0f} s left")
 
 
-def precision_scope(precision: str | None):
-    """JAX's default matmul precision for what is traced inside (None: JAX's own default)."""
-    import jax
-
-    return jax.default_matmul_precision(precision) if precision else contextlib.nullcontext()
-
-
 # ---------------------------------------------------------------------------------- ceilings
-
-
-def jax_fp32_matmul_error(precision: str | None) -> float:
-    """Relative error of a [512, 512] fp32 product at `precision` against float64 on the host:
-    ~1e-6 for IEEE fp32, ~3e-4 for TF32 (inputs rounded to 10 mantissa bits)."""
-    import jax
-    import jax.numpy as jnp
-
-    rng = np.random.default_rng(1)
-    a, b = rng.standard_normal((2, 512, 512))
-    exact = a @ b
-    with precision_scope(precision):
-        product = jax.jit(jnp.matmul).lower(a.astype(np.float32), b.astype(np.float32)).compile()
-    got = np.asarray(product(jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32)))
-    return float(np.linalg.norm(got - exact) / np.linalg.norm(exact))
 
 
 def torch_fp32_matmul_error(device: Device, precision: str) -> float:
@@ -148,10 +124,6 @@ def torch_fp32_matmul_error(device: Device, precision: str) -> float:
     return float(np.linalg.norm(got - a @ b) / np.linalg.norm(a @ b))
 
 
-def arithmetic(error: float) -> str:
-    return f"{'TF32' if error > TF32_ERROR else 'IEEE fp32'} (rel. err {error:.0e})"
-
-
 def matmul_rate(sizes: Sizes, dtype, precision: str | None, repeats: int) -> float:
     """FLOP/s of a batched square product on random data (never zeros: they run faster)."""
     import jax
@@ -160,7 +132,7 @@ def matmul_rate(sizes: Sizes, dtype, precision: str | None, repeats: int) -> flo
     n, batch = sizes.matmul, sizes.matmul_batch
     keys = jax.random.split(jax.random.key(0))
     x, y = (jax.random.normal(k, (batch, n, n), dtype) for k in keys)
-    with precision_scope(precision):
+    with common.precision_scope(precision):
         product = jax.jit(lambda x, y: jnp.einsum("bij,bjk->bik", x, y)).lower(x, y).compile()
     seconds = common.interleaved({"product": lambda: product(x, y).block_until_ready()}, repeats)
     return 2 * batch * n**3 / seconds["product"]
@@ -189,17 +161,17 @@ def measure_ceilings(sizes: Sizes, device: Device, repeats: int) -> tuple[Ceilin
     ceilings = Ceilings(rates, bandwidth)
     shape = f"[{sizes.matmul_batch}, {sizes.matmul}, {sizes.matmul}]^2"
     probes = {
-        "fp32": jax_fp32_matmul_error("highest"),
-        "tf32": jax_fp32_matmul_error("tensorfloat32"),
-        "default": jax_fp32_matmul_error(None),
+        "fp32": common.jax_fp32_matmul_error("highest"),
+        "tf32": common.jax_fp32_matmul_error("tensorfloat32"),
+        "default": common.jax_fp32_matmul_error(None),
     }
     rows = []
     for kind, precision in (("bf16", "default"), ("fp32", "highest"), ("tf32", "tensorfloat32")):
         note = f"jax precision {precision!r}"
         if kind != "bf16":
-            note += f": ran {arithmetic(probes[kind])}"
+            note += f": ran {common.arithmetic(probes[kind])}"
         if kind == "fp32":
-            note += f"; jax's default fp32 matmuls run {arithmetic(probes['default'])}"
+            note += f"; jax's default fp32 matmuls run {common.arithmetic(probes['default'])}"
         rows.append(row(
             device, f"peak: {kind} matmul {shape}", f"jax {rates[kind] / 1e12:.0f} TFLOP/s",
             f"datasheet {DATASHEET[kind] / 1e12:.0f} TFLOP/s dense",
@@ -211,8 +183,8 @@ def measure_ceilings(sizes: Sizes, device: Device, repeats: int) -> tuple[Ceilin
         device, f"peak: read bandwidth, jitted sum over {sizes.bandwidth_bytes / 2**30:.0f} GiB",
         f"jax {bandwidth / 1e12:.2f} TB/s", f"datasheet {DATASHEET['bandwidth'] / 1e12:.1f} TB/s",
         bandwidth / DATASHEET["bandwidth"],
-        f"torch fp32 matmuls: 'highest' (its default) ran {arithmetic(torch_default)}, "
-        f"'high' ran {arithmetic(torch_high)}",
+        f"torch fp32 matmuls: 'highest' (its default) ran {common.arithmetic(torch_default)}, "
+        f"'high' ran {common.arithmetic(torch_high)}",
     ))  # fmt: skip
     return ceilings, rows
 
@@ -257,7 +229,7 @@ def lower_encoder(model, inputs: dict, precision: str | None):
     def forward(state, inputs):
         return nnx.merge(graphdef, state)(**inputs).last_hidden_state
 
-    with precision_scope(precision):
+    with common.precision_scope(precision):
         return jax.jit(forward).lower(state, inputs), state
 
 
@@ -449,7 +421,7 @@ def decode_row(sizes, device, ceilings, repeats, config, dtype, batch, ids, mode
 
     def ours():
         # IEEE fp32 matmuls, as PyTorch's default, so that the fp32 tokens can agree
-        with precision_scope("highest"):
+        with common.precision_scope("highest"):
             return np.asarray(model.generate(ids, **settings))
 
     def theirs():
