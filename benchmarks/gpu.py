@@ -117,10 +117,11 @@ def torch_fp32_matmul_error(device: Device, precision: str) -> float:
 
     rng = np.random.default_rng(1)
     a, b = rng.standard_normal((2, 512, 512))
+    before = torch.get_float32_matmul_precision()
     torch.set_float32_matmul_precision(precision)
     ta, tb = (torch.tensor(x, dtype=torch.float32, device=device.torch) for x in (a, b))
     got = (ta @ tb).cpu().double().numpy()
-    torch.set_float32_matmul_precision("highest")
+    torch.set_float32_matmul_precision(before)
     return float(np.linalg.norm(got - a @ b) / np.linalg.norm(a @ b))
 
 
@@ -177,13 +178,16 @@ def measure_ceilings(sizes: Sizes, device: Device, repeats: int) -> tuple[Ceilin
             f"datasheet {DATASHEET[kind] / 1e12:.0f} TFLOP/s dense",
             rates[kind] / DATASHEET[kind], note,
         ))  # fmt: skip
-    torch_default = torch_fp32_matmul_error(device, "highest")
+    import torch
+
+    default = torch.get_float32_matmul_precision()
+    torch_default = torch_fp32_matmul_error(device, default)
     torch_high = torch_fp32_matmul_error(device, "high")
     rows.append(row(
         device, f"peak: read bandwidth, jitted sum over {sizes.bandwidth_bytes / 2**30:.0f} GiB",
         f"jax {bandwidth / 1e12:.2f} TB/s", f"datasheet {DATASHEET['bandwidth'] / 1e12:.1f} TB/s",
         bandwidth / DATASHEET["bandwidth"],
-        f"torch fp32 matmuls: 'highest' (its default) ran {common.arithmetic(torch_default)}, "
+        f"torch fp32 matmuls: {default!r} (its default) ran {common.arithmetic(torch_default)}, "
         f"'high' ran {common.arithmetic(torch_high)}",
     ))  # fmt: skip
     return ceilings, rows
