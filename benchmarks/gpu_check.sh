@@ -5,7 +5,8 @@
 #
 # Installs flaxauto (no dependencies: the machine has jax, flax, optax, torch, transformers),
 # prints versions and the GPU, runs the conformance suite's bf16 and fused-attention tiers on the
-# GPU, then the GPU benchmarks (benchmarks/gpu.py, then encoder.py and decode.py --quick).
+# GPU (pytest -k "bf16 or fused" over tests/test_conformance.py and tests/test_attention.py
+# where it exists), then the GPU benchmarks (gpu.py, then encoder.py and decode.py --quick).
 # Every stage has its own timeout and a failing stage does not stop the next; the whole run
 # ends within GPU_CHECK_SECONDS (default 530). Output: $OUT/log.txt (everything),
 # $OUT/gpu.md (stages, versions and the tables), $OUT/tests.txt (pytest's output).
@@ -104,9 +105,13 @@ EOF
 }
 
 conformance_tiers() {
+  # the bf16 tier is in the conformance suite; the fused-attention tests are there or in
+  # test_attention.py (the attention branch's), whichever exist
+  local files=(tests/test_conformance.py)
+  if [[ -f tests/test_attention.py ]]; then files+=(tests/test_attention.py); fi
   # JAX's default fp32 matmuls may be TF32 on NVIDIA GPUs (~1e-3 relative): the fp32 tolerances
   # were set for IEEE fp32, as PyTorch's reference computes, so these tests ask for it
-  JAX_DEFAULT_MATMUL_PRECISION=highest "$PYTHON" -P -m pytest tests/test_conformance.py \
+  JAX_DEFAULT_MATMUL_PRECISION=highest "$PYTHON" -P -m pytest "${files[@]}" \
     -k "bf16 or fused" -p no:xdist -p no:cacheprovider -q -rfE 2>&1 | tee "$OUT/tests.txt"
   return "${PIPESTATUS[0]}"
 }
@@ -129,7 +134,7 @@ summary() {
   done
   if [[ -f $OUT/tests.txt ]]; then
     echo
-    echo "## Conformance: bf16 and fused tiers (pytest -k 'bf16 or fused')"
+    echo "## Conformance: bf16 and fused tiers (pytest -k 'bf16 or fused'; $OUT/tests.txt)"
     echo
     grep -E '^(FAILED|ERROR)|[0-9]+ (passed|failed|error|skipped|deselected)|no tests ran' \
       "$OUT/tests.txt" | tail -40 | sed 's/^/    /'
