@@ -162,7 +162,7 @@ def gpu_rows(case, times, error, flops, matmul_rate, bound) -> list[dict]:
     device = common.devices_label()
     matmuls = (
         f"fp32 matmuls: jax {common.arithmetic(common.jax_fp32_matmul_error(None))}, torch "
-        f"{torch.get_float32_matmul_precision()!r}; torch sdpa attention"
+        f"{torch.get_float32_matmul_precision()!r}; flaxauto's default attention, torch sdpa"
     )
     rows = [
         common.row(
