@@ -16,6 +16,7 @@ row of the table. Known keys (any may be absent; other keys become extra columns
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import platform
 import resource
@@ -24,12 +25,17 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
+
 # Quiet transformers and the Hub (set before either is imported): the tables are the output.
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+# On a GPU, JAX would otherwise take 75% of its memory at start, starving PyTorch beside it.
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 COLUMNS = ("benchmark", "case", "flaxauto", "alternative", "ratio", "target", "met", "note")
 RESULTS = Path(__file__).resolve().parent / "results"
+TF32_ERROR = 3e-5  # fp32 matmul relative error above this means TF32 inputs (2^-11 rounding)
 
 
 def parser(description: str) -> argparse.ArgumentParser:
@@ -42,6 +48,67 @@ def parser(description: str) -> argparse.ArgumentParser:
 def cores() -> int:
     """The CPU cores this process may use (what XLA's thread pool sizes itself by)."""
     return len(os.sched_getaffinity(0))
+
+
+def on_gpu() -> bool:
+    """Whether JAX's default backend is a GPU and PyTorch sees CUDA: the side-by-side benchmarks
+    then run both frameworks there (on CPU they run exactly as before)."""
+    import jax
+
+    if jax.default_backend() != "gpu":
+        return False
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def torch_device() -> str:
+    """Where the PyTorch side of a comparison runs: "cuda" beside JAX on a GPU, else "cpu"."""
+    return "cuda" if on_gpu() else "cpu"
+
+
+def synchronize(device: str) -> None:
+    """Wait for PyTorch's queued work: CUDA kernels run asynchronously, and a timed function must
+    block until its work is done."""
+    if device == "cuda":
+        import torch
+
+        torch.cuda.synchronize()
+
+
+def devices_label() -> str:
+    """Which devices ran a GPU row: JAX's default device and PyTorch's CUDA device."""
+    import jax
+    import torch
+
+    ours = jax.devices()[0]
+    return f"jax {ours.platform} {ours.device_kind}; torch cuda {torch.cuda.get_device_name()}"
+
+
+def precision_scope(precision: str | None):
+    """JAX's default matmul precision for what is traced inside (None: JAX's own default)."""
+    import jax
+
+    return jax.default_matmul_precision(precision) if precision else contextlib.nullcontext()
+
+
+def jax_fp32_matmul_error(precision: str | None) -> float:
+    """Relative error of a [512, 512] fp32 product at `precision` against float64 on the host:
+    ~1e-6 for IEEE fp32, ~3e-4 for TF32 (inputs rounded to 10 mantissa bits)."""
+    import jax
+    import jax.numpy as jnp
+
+    rng = np.random.default_rng(1)
+    a, b = rng.standard_normal((2, 512, 512))
+    exact = a @ b
+    with precision_scope(precision):
+        product = jax.jit(jnp.matmul).lower(a.astype(np.float32), b.astype(np.float32)).compile()
+    got = np.asarray(product(jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32)))
+    return float(np.linalg.norm(got - exact) / np.linalg.norm(exact))
+
+
+def arithmetic(error: float) -> str:
+    return f"{'TF32' if error > TF32_ERROR else 'IEEE fp32'} (rel. err {error:.0e})"
 
 
 def interleaved(fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 2):
@@ -101,8 +168,9 @@ def machine() -> str:
             cpu = next(line.split(":", 1)[1].strip() for line in f if "model name" in line)
     except (OSError, StopIteration):
         pass
+    accelerator = "" if jax.default_backend() == "cpu" else f", {jax.devices()[0].device_kind}"
     return (
-        f"{cpu}, {cores()} cores, jax {jax.__version__} ({jax.default_backend()}), "
+        f"{cpu}, {cores()} cores{accelerator}, jax {jax.__version__} ({jax.default_backend()}), "
         f"load average {os.getloadavg()[0]:.1f} at the end"
     )
 

@@ -16,6 +16,11 @@ sum over all cores (measured on 2 cores, quiet: about 31 GB/s, against 27 for to
 and 8 for numpy's single-threaded one; a sum over an array the size of the weights reads no
 faster). "of bound" is that floor divided by flaxauto's time per token (prefill included).
 
+On a GPU (JAX's default backend a GPU and torch.cuda available) both run there: transformers on
+cuda with sdpa attention, synchronized inside the timed function; the bandwidth sum reads 4 GiB
+(1 GiB takes a quarter of a millisecond there); the rows name the devices and carry no targets
+(they are the CPU's).
+
     python benchmarks/decode.py [--quick]
 """
 
@@ -34,9 +39,10 @@ PROMPT, NEW_TOKENS, BATCHES = 16, 64, (1, 8)
 SPEEDUP_TARGET, BOUND_TARGET = 2.2, 0.80
 
 
-def read_bandwidth(repeats: int) -> float:
-    """Bytes/s a jitted reduction reads from a 1 GiB float32 array (best of `repeats`)."""
-    data = jnp.ones((2**28,), jnp.float32)
+def read_bandwidth(repeats: int, elements: int = 2**28) -> float:
+    """Bytes/s a jitted reduction reads from a float32 array, 1 GiB unless told (best of
+    `repeats`)."""
+    data = jnp.ones((elements,), jnp.float32)
     total = jax.jit(jnp.sum)
     total(data).block_until_ready()
     best = float("inf")
@@ -45,7 +51,7 @@ def read_bandwidth(repeats: int) -> float:
         total(data).block_until_ready()
         best = min(best, time.perf_counter() - start)
     del data
-    return 2**30 / best
+    return elements * 4 / best
 
 
 def bytes_per_step(model) -> int:
@@ -68,6 +74,7 @@ def main(argv=None) -> list[dict]:
 
     threads = common.cores()
     torch.set_num_threads(threads)
+    device = common.torch_device()
     repeats = 2 if args.quick else 5
     config = transformers.GPT2Config()  # gpt2 (small): 12 layers, 768 wide, 50257 tokens
     with tempfile.TemporaryDirectory() as directory:
@@ -76,6 +83,11 @@ def main(argv=None) -> list[dict]:
         # loaded back, as a user's model is: generate on the freshly built one runs 25-40x slower
         # in transformers 5.24 (measured here), which would flatter the ratio
         reference = transformers.GPT2LMHeadModel.from_pretrained(directory).eval()
+        if device == "cuda":  # the same weights, with PyTorch's fused attention, on the GPU
+            reference = transformers.GPT2LMHeadModel.from_pretrained(
+                directory, attn_implementation="sdpa"
+            )
+            reference = reference.to(device).eval()
         models = {
             "fp32": flaxauto.AutoModelForCausalLM.from_pretrained(directory),
             "bf16": flaxauto.AutoModelForCausalLM.from_pretrained(
@@ -85,7 +97,7 @@ def main(argv=None) -> list[dict]:
     import copy
 
     references = {"fp32": reference, "bf16": copy.deepcopy(reference).to(torch.bfloat16)}
-    bandwidth = read_bandwidth(repeats + 3)
+    bandwidth = read_bandwidth(repeats + 3, 2**30 if device == "cuda" else 2**28)
     rows = []
     for batch in BATCHES if not args.quick else BATCHES[:1]:
         ids = np.random.default_rng(batch).integers(0, config.vocab_size, (batch, PROMPT))
@@ -93,6 +105,9 @@ def main(argv=None) -> list[dict]:
             rows.append(
                 measure(dtype, batch, ids, model, references[dtype], bandwidth, repeats, threads)
             )
+    if device == "cuda":  # the targets are the CPU's; say which devices ran
+        label = common.devices_label()
+        rows = [{**r, "target": None, "met": None, "device": label} for r in rows]
     return rows
 
 
@@ -100,7 +115,8 @@ def measure(dtype, batch, ids, model, reference, bandwidth, repeats, threads) ->
     import torch
 
     settings = dict(max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS)
-    torch_ids = torch.as_tensor(ids)
+    device = common.torch_device()
+    torch_ids = torch.as_tensor(ids, device=device)
     torch_mask = torch.ones_like(torch_ids)
 
     def ours():
@@ -108,9 +124,11 @@ def measure(dtype, batch, ids, model, reference, bandwidth, repeats, threads) ->
 
     def theirs():
         with torch.inference_mode():
-            return reference.generate(
+            tokens = reference.generate(
                 torch_ids, attention_mask=torch_mask, do_sample=False, **settings
-            ).numpy()
+            )
+        common.synchronize(device)
+        return tokens.cpu().numpy()
 
     same = np.mean(ours() == theirs())
     times = common.interleaved({"flaxauto": ours, "torch": theirs}, repeats, warmup=1)

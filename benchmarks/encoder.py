@@ -2,7 +2,11 @@
 
 Random weights are saved by transformers and loaded by flaxauto, so both run the same numbers.
 flaxauto runs a jitted pure function over nnx.split state; PyTorch runs eagerly under
-inference_mode with as many threads as JAX has cores. Achieved GFLOP/s (model FLOPs counted
+inference_mode with as many threads as JAX has cores. On a GPU (JAX's default backend a GPU and
+torch.cuda available) both run there: PyTorch with sdpa attention, synchronized inside the timed
+function, autocast to bf16 for the bf16 row; the rows name the devices and the fp32 matmul
+arithmetic each framework ran (JAX's default may be TF32 there), and carry no target (the targets
+are for the CPU). Achieved GFLOP/s (model FLOPs counted
 analytically: matmuls only) is compared with the rate of BERT's own FFN matmuls run alone,
 timed in the same loop: the time those FLOPs take at that rate is the matmul bound.
 
@@ -61,6 +65,7 @@ def main(argv=None) -> list[dict]:
 
     threads = common.cores()
     torch.set_num_threads(threads)
+    device = common.torch_device()
     repeats = 3 if args.quick else 10
     config = transformers.BertConfig()  # bert-base-uncased's shape
     rng = np.random.default_rng(0)
@@ -73,11 +78,16 @@ def main(argv=None) -> list[dict]:
         torch.manual_seed(0)
         reference = transformers.BertModel(config).eval()
         reference.save_pretrained(directory)
+        if device == "cuda":  # the same weights, with PyTorch's fused attention, on the GPU
+            reference = transformers.BertModel.from_pretrained(
+                directory, attn_implementation="sdpa"
+            )
+            reference = reference.to(device).eval()
         models = {
             "fp32": flaxauto.AutoModel.from_pretrained(directory),
             "bf16": flaxauto.AutoModel.from_pretrained(directory, dtype=jnp.bfloat16),
         }
-    torch_ids, torch_mask = torch.tensor(ids), torch.tensor(mask)
+    torch_ids, torch_mask = torch.tensor(ids, device=device), torch.tensor(mask, device=device)
     inputs = {"input_ids": jnp.asarray(ids), "attention_mask": jnp.asarray(mask)}
 
     def flax_forward(model):
@@ -87,13 +97,15 @@ def main(argv=None) -> list[dict]:
 
     def torch_forward(model, autocast: bool):
         def run():
-            with torch.inference_mode(), torch.autocast("cpu", torch.bfloat16, enabled=autocast):
-                return model(input_ids=torch_ids, attention_mask=torch_mask).last_hidden_state
+            with torch.inference_mode(), torch.autocast(device, torch.bfloat16, enabled=autocast):
+                output = model(input_ids=torch_ids, attention_mask=torch_mask).last_hidden_state
+            common.synchronize(device)
+            return output
 
         return run
 
     forwards = {dtype: flax_forward(model) for dtype, model in models.items()}
-    expected = torch_forward(reference, False)().numpy()
+    expected = torch_forward(reference, False)().cpu().numpy()
     error = float(np.max(np.abs(np.asarray(forwards["fp32"]()) - expected)))
 
     matmuls, matmul_flops = reference_matmuls(config, rng)
@@ -112,6 +124,8 @@ def main(argv=None) -> list[dict]:
     bound = flops / matmul_rate
     flax_rate = flops / times["flax fp32"]
     ratio = times["flax fp32"] / times["torch fp32"]
+    if device == "cuda":
+        return gpu_rows(case, times, error, flops, matmul_rate, bound)
     rows.append(
         common.row(
             "encoder", f"{case} fp32 forward", common.ms(times["flax fp32"]),
@@ -139,6 +153,38 @@ def main(argv=None) -> list[dict]:
         )
     )  # fmt: skip
     return rows
+
+
+def gpu_rows(case, times, error, flops, matmul_rate, bound) -> list[dict]:
+    """The same comparisons on a GPU: no targets (they are the CPU's), the devices named."""
+    import torch
+
+    device = common.devices_label()
+    matmuls = (
+        f"fp32 matmuls: jax {common.arithmetic(common.jax_fp32_matmul_error(None))}, torch "
+        f"{torch.get_float32_matmul_precision()!r}; flaxauto's default attention, torch sdpa"
+    )
+    rows = [
+        common.row(
+            "encoder", f"{case} fp32 forward", common.ms(times["flax fp32"]),
+            f"torch cuda {common.ms(times['torch fp32'])}",
+            times["flax fp32"] / times["torch fp32"], note=f"max abs diff {error:.1e}; {matmuls}",
+        ),
+        common.row(
+            "encoder", f"{case} fp32 vs matmul bound",
+            f"{flops / times['flax fp32'] / 1e12:.1f} TFLOP/s ({flops / 1e9:.0f} GFLOP)",
+            f"matmul {matmul_rate / 1e12:.1f} TFLOP/s: bound {common.ms(bound)}",
+            times["flax fp32"] / bound, note=f"torch at {times['torch fp32'] / bound:.2f}x the bound",
+        ),
+        common.row(
+            "encoder", f"{case} bf16 compute", common.ms(times["flax bf16"]),
+            f"torch cuda autocast bf16 {common.ms(times['torch bf16'])}",
+            times["flax bf16"] / times["torch bf16"],
+            note=f"flaxauto dtype=bfloat16; vs its own fp32: "
+            f"{times['flax bf16'] / times['flax fp32']:.2f}x",
+        ),
+    ]  # fmt: skip
+    return [{**r, "device": device} for r in rows]
 
 
 if __name__ == "__main__":
