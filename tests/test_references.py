@@ -2,7 +2,8 @@
 transformers' PyTorch models of that type (built from tests/references.py's tiny configs), so
 that a family registered later is compared on inputs its transformers model really accepts.
 
-Those model_types have no flaxauto family yet; nothing here touches flaxauto's models.
+The probed model_types (PROBE_CONFIGS) have no flaxauto family yet; nothing here touches
+flaxauto's models.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from references import (
     INPUT_FACTORIES,
     LABEL_FACTORIES,
     MODALITIES,
+    PROBE_CONFIGS,
     TABLE_COLUMNS,
     TABLE_TOKEN_TYPES,
     TASK_FIELDS,
@@ -58,6 +60,7 @@ def probe(request):
 
 
 def test_every_modality_and_task_has_a_factory_and_a_probe():
+    assert set(PROBES) == set(PROBE_CONFIGS)
     assert set(MODALITIES.values()) | {"text"} == set(INPUT_FACTORIES)
     probed = {task for tasks in PROBES.values() for task in tasks} - {"base"}
     assert probed <= set(LABEL_FACTORIES)
@@ -223,7 +226,7 @@ def _distance_from_uniform(attentions) -> float:
     return float(np.mean(distances))
 
 
-@pytest.mark.parametrize("model_type", sorted(TINY_CONFIGS))
+@pytest.mark.parametrize("model_type", sorted(TINY_CONFIGS | PROBE_CONFIGS))
 def test_reference_attention_is_far_from_uniform(model_type):
     """The init scale at work: a dropped scale, mask or rope setting must move outputs well past
     the tolerance, which it does not when every attention row is nearly uniform."""
