@@ -12,11 +12,17 @@ from flax import nnx
 import flaxauto
 from references import text_inputs, tiny_config, torch_model
 
+#: These tests check execution mechanics (scan/remat against unrolled, a training step), not
+#: parity with transformers: they keep transformers' default init, where gradients are O(1) and
+#: five steps of adamw reliably lower the loss (at the conformance scale, 0.25, gradients reach
+#: ~1e2 and scan vs unrolled differ by float32 rounding, ~1e-6 relative, beyond the 1e-6 atol).
+DEFAULT_INIT = {"initializer_range": 0.02}
+
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     directory = tmp_path_factory.mktemp("bert-seqcls")
-    torch_model("bert", "sequence-classification").save_pretrained(directory)
+    torch_model("bert", "sequence-classification", **DEFAULT_INIT).save_pretrained(directory)
     return directory
 
 
@@ -45,7 +51,7 @@ def _flat_by_name(model, grads) -> dict[str, np.ndarray]:
 def decoder_checkpoint(tmp_path_factory):
     """qwen2's tiny config mixes full and sliding-window layers: scanned layers pick theirs."""
     directory = tmp_path_factory.mktemp("qwen2-lm")
-    torch_model("qwen2", "causal-lm").save_pretrained(directory)
+    torch_model("qwen2", "causal-lm", **DEFAULT_INIT).save_pretrained(directory)
     return directory
 
 

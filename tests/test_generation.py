@@ -11,7 +11,7 @@ from transformers import GenerationConfig
 
 import flaxauto
 from flaxauto.generation import greedy, processors, settings
-from references import text_inputs, torch_model
+from references import text_inputs, tiny_config, torch_model
 
 DECODERS = ("gpt2", "llama", "mistral", "qwen2")
 NEW_TOKENS = 40
@@ -195,9 +195,12 @@ def test_generation_config_json_sets_the_defaults(tmp_path):
 def test_bfloat16_weights_are_close_and_generate(pair):
     model_type, reference, _ = pair
     ids, mask = prompts(model_type)
-    fp32 = flaxauto.AutoModelForCausalLM.from_config(reference.config, seed=1)
+    # transformers' default init scale, for which the 2e-2 bound was set; bf16 accuracy against
+    # torch at the conformance scale is test_conformance's bf16 tier
+    config = tiny_config(model_type, "causal-lm", initializer_range=0.02)
+    fp32 = flaxauto.AutoModelForCausalLM.from_config(config, seed=1)
     bf16 = flaxauto.AutoModelForCausalLM.from_config(
-        reference.config, seed=1, param_dtype=jnp.bfloat16
+        config, seed=1, param_dtype=jnp.bfloat16
     )  # the same weights, rounded
     real = mask.astype(bool)[..., None]
     forward = jax.jit(lambda m: m(ids, attention_mask=mask).logits.astype(jnp.float32))
