@@ -13,7 +13,8 @@
 #
 # Knobs (environment): OUT (default benchmarks/results/gpu_check), PYTHON (default python3),
 # GPU_CHECK_PLATFORM (JAX_PLATFORMS, default cuda), GPU_CHECK_SECONDS, GPU_CHECK_STAGES (default
-# "install versions tests gpu encoder decode"; a CPU check of this script leaves some out).
+# "install versions tests gpu encoder decode"; a CPU check of this script leaves some out),
+# GPU_CHECK_TEST_SECONDS (the tests stage's limit, default 150).
 set -uo pipefail
 
 OUT=${OUT:-$PWD/benchmarks/results/gpu_check}
@@ -150,7 +151,7 @@ main() {
     --root-user-action=ignore .
   export -f versions
   stage versions "$(cap 60)" bash -c versions
-  stage tests "$(cap 150)" bash -c conformance_tiers
+  stage tests "$(cap ${GPU_CHECK_TEST_SECONDS:-150})" bash -c conformance_tiers
   local limit
   limit=$(cap 270)
   # gpu.py starts no section later than its budget: imports and one section's overrun fit after
