@@ -362,6 +362,8 @@ def _fused_attention(query, key, value, bias, scale: float) -> Array:
     and dtype (bf16/fp16 only), XLA's kernel otherwise (jax's own default, implementation=None,
     is always XLA today, so the cuDNN kernel is asked for by name)."""
     key, value = key.astype(query.dtype), value.astype(query.dtype)
+    if bias is not None:
+        query, bias = _unattended_rows_uniform(query, bias)
     if jax.default_backend() == "gpu" and query.dtype in (jnp.bfloat16, jnp.float16):
         try:
             return jax.nn.dot_product_attention(
@@ -374,6 +376,18 @@ def _fused_attention(query, key, value, bias, scale: float) -> Array:
         query, key, value, None if bias is None else bias.astype(jnp.float32), scale=scale,
         implementation="xla",
     )  # fmt: skip
+
+
+def _unattended_rows_uniform(query: Array, bias: Array) -> tuple[Array, Array]:
+    """A query row whose every slot is masked attends uniformly in eager attention (as in
+    transformers': each score plus the same float32 min), and decoders' left padding makes such
+    rows, which losses over every position (span heads) read. Fused kernels need not agree
+    (flash kernels may zero a row with nothing to attend), so those rows get a zero query and
+    a zero bias: equal scores, the same uniform weights, on any kernel."""
+    bias = bias.astype(jnp.float32)
+    masked = jnp.all(bias <= jnp.finfo(jnp.float32).min / 2, axis=-1, keepdims=True)
+    query = jnp.where(jnp.swapaxes(masked, 1, 2), jnp.zeros((), query.dtype), query)  # [B, T, H, D]
+    return query, jnp.where(masked, 0.0, bias)  # masked: [B|1, H|1, T|1, 1]
 
 
 def _bias_in(bias: Array | None, dtype, length: int) -> Array | None:
