@@ -227,7 +227,7 @@ class DecoderStep:
                 f"written, {length} more do not fit"
             )
         self.cache, self.self_cache = cache, self_cache
-        self.output_attentions = False  # set by DecoderBackbone.finish from the flags
+        self.output_attentions = False  # set by DecoderBackbone.finish
         if self_cache is None:
             self.start = jnp.zeros((), jnp.int32)
             self.slot_mask = new_mask  # [B, S=T]
@@ -454,10 +454,14 @@ class DecoderBackbone(nnx.Module):
                 f"(scan_layers={self.scanned}): make it with model.init_cache"
             )
 
-    def finish(self, hidden, step: DecoderStep, final_norm, flags, **inputs):
+    def finish(
+        self, hidden, step: DecoderStep, final_norm, *,
+        output_hidden_states: bool, output_attentions: bool, **inputs,
+    ):  # fmt: skip
         """Run the layers and the final norm -> BaseModelOutputWithPast (with the new cache).
-        As in transformers, hidden_states holds each layer's input and then the normed output."""
-        step.output_attentions = flags.get("output_attentions", False)
+        As in transformers, hidden_states holds each layer's input and then the normed output.
+        inputs: what every layer takes besides its cache and bias (rope's cos / sin)."""
+        step.output_attentions = output_attentions
 
         def run_layer(layer, hidden, item):
             hidden, probs, layer_cache = layer(hidden, step, *step.layer_inputs(item), **inputs)
@@ -468,7 +472,7 @@ class DecoderBackbone(nnx.Module):
             hidden,
             run_layer,
             step.per_layer(),
-            output_hidden_states=flags.get("output_hidden_states", False),
+            output_hidden_states=output_hidden_states,
             output_attentions=step.output_attentions,
             remat=self.remat,
         )

@@ -53,13 +53,13 @@ class EncoderBackbone(nnx.Module):
     def get_input_embeddings(self) -> nnx.Embed:
         return self.embeddings.word_embeddings
 
-    def encode(self, stack, embeddings, attention_mask, flags: dict, pooler=None):
-        """embeddings [B, T, E] -> BaseModelOutput; flags: output_hidden_states/attentions."""
+    def encode(
+        self, stack, embeddings, attention_mask, pooler=None, *,
+        output_hidden_states: bool, output_attentions: bool,
+    ):  # fmt: skip
+        """embeddings [B, T, E] -> BaseModelOutput."""
         hidden, all_hidden, all_probs = stack(
-            embeddings,
-            layers.padding_bias(attention_mask),
-            flags.get("output_hidden_states", False),
-            flags.get("output_attentions", False),
+            embeddings, layers.padding_bias(attention_mask), output_hidden_states, output_attentions
         )
         return BaseModelOutput(
             last_hidden_state=hidden,

@@ -108,14 +108,18 @@ class CrossDecoder(DecoderBackbone):
 
     def __call__(
         self, input_ids, attention_mask=None, encoder_hidden_states=None,
-        encoder_attention_mask=None, cache=None, **flags,
+        encoder_attention_mask=None, cache=None, output_hidden_states=False,
+        output_attentions=False,
     ):  # fmt: skip
         embeds, step, positions = self.begin(
             self.embed_tokens, input_ids, None, attention_mask, None, cache, (None,),
             encoder_hidden_states=encoder_hidden_states,
             encoder_attention_mask=encoder_attention_mask,
         )  # fmt: skip
-        return self.finish(embeds + self.embed_positions(positions), step, self.norm, flags)
+        return self.finish(
+            embeds + self.embed_positions(positions), step, self.norm,
+            output_hidden_states=output_hidden_states, output_attentions=output_attentions,
+        )  # fmt: skip
 
 
 def _random_like(state, seed: int):

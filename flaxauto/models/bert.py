@@ -190,8 +190,14 @@ class BertModel(stacks.EncoderBackbone):
     ) -> BaseModelOutput:
         layers.exactly_one(input_ids, inputs_embeds)
         embeddings = self.embeddings(input_ids, token_type_ids, position_ids, inputs_embeds)
-        flags = dict(output_hidden_states=output_hidden_states, output_attentions=output_attentions)
-        return self.encode(self.encoder, embeddings, attention_mask, flags, self.pooler)
+        return self.encode(
+            self.encoder,
+            embeddings,
+            attention_mask,
+            self.pooler,
+            output_hidden_states=output_hidden_states,
+            output_attentions=output_attentions,
+        )
 
 
 NO_POOLER = {"add_pooling_layer": False}

@@ -122,8 +122,13 @@ class DistilBertModel(stacks.EncoderBackbone):
     ) -> BaseModelOutput:
         layers.exactly_one(input_ids, inputs_embeds)
         embeddings = self.embeddings(input_ids, position_ids, inputs_embeds)
-        flags = dict(output_hidden_states=output_hidden_states, output_attentions=output_attentions)
-        return self.encode(self.transformer, embeddings, attention_mask, flags)
+        return self.encode(
+            self.transformer,
+            embeddings,
+            attention_mask,
+            output_hidden_states=output_hidden_states,
+            output_attentions=output_attentions,
+        )
 
 
 # pre_classifier -> ReLU -> dropout(seq_classif_dropout) -> classifier, on the first token

@@ -149,8 +149,13 @@ class GPT2Model(DecoderBackbone):
         hidden = embeds + self.wpe(position_ids)
         if token_type_ids is not None:
             hidden = hidden + self.wte(token_type_ids)
-        flags = dict(output_hidden_states=output_hidden_states, output_attentions=output_attentions)
-        return self.finish(self.drop(hidden), step, self.ln_f, flags)
+        return self.finish(
+            self.drop(hidden),
+            step,
+            self.ln_f,
+            output_hidden_states=output_hidden_states,
+            output_attentions=output_attentions,
+        )
 
 
 #: What GPT-2 reads from the config (flaxauto.config_checks refuses the rest).

@@ -194,8 +194,15 @@ class LlamaModel(DecoderBackbone):
             self.windows,
         )  # fmt: skip
         cos, sin = rope.cos_sin(self.rope, position_ids, embeds.dtype)  # [B or 1, T, D]
-        flags = dict(output_hidden_states=output_hidden_states, output_attentions=output_attentions)
-        return self.finish(embeds, step, self.norm, flags, cos=cos, sin=sin)
+        return self.finish(
+            embeds,
+            step,
+            self.norm,
+            cos=cos,
+            sin=sin,
+            output_hidden_states=output_hidden_states,
+            output_attentions=output_attentions,
+        )
 
 
 class MistralModel(LlamaModel):
@@ -253,28 +260,16 @@ QWEN2_CONFIG_ATTRIBUTES = (
 # Llama's and Qwen2's ForQuestionAnswering keep the backbone under "transformer" (as older
 # checkpoints did); Mistral's under "model". Checkpoints written by transformers before 4.31
 # carry each layer's rotary inverse frequencies (recomputed from the config, never loaded).
-IGNORED = ("rotary_emb.inv_freq",)
-register(
-    model_types=("llama",),
-    backbone=LlamaModel,
-    base_model_prefix="model",
-    heads=heads("transformer"),
-    ignored=IGNORED,
-    config_attributes=LLAMA_CONFIG_ATTRIBUTES,
-)
-register(
-    model_types=("mistral",),
-    backbone=MistralModel,
-    base_model_prefix="model",
-    heads=heads(),
-    ignored=IGNORED,
-    config_attributes=MISTRAL_CONFIG_ATTRIBUTES,
-)
-register(
-    model_types=("qwen2",),
-    backbone=Qwen2Model,
-    base_model_prefix="model",
-    heads=heads("transformer"),
-    ignored=IGNORED,
-    config_attributes=QWEN2_CONFIG_ATTRIBUTES,
-)
+for model_type, backbone, question_answering_prefix, config_attributes in (
+    ("llama", LlamaModel, "transformer", LLAMA_CONFIG_ATTRIBUTES),
+    ("mistral", MistralModel, None, MISTRAL_CONFIG_ATTRIBUTES),
+    ("qwen2", Qwen2Model, "transformer", QWEN2_CONFIG_ATTRIBUTES),
+):
+    register(
+        model_types=(model_type,),
+        backbone=backbone,
+        base_model_prefix="model",
+        heads=heads(question_answering_prefix),
+        ignored=("rotary_emb.inv_freq",),
+        config_attributes=config_attributes,
+    )
