@@ -61,7 +61,7 @@ class _Plan:
 def _candidates(key: str, prefix: str, renames) -> list[str]:
     """Names a checkpoint key may have in the model: as is, with or without the
     base_model_prefix (a base checkpoint in a task model, a task checkpoint in a base model)."""
-    key = renames.get(key, key)
+    key = renames(key) if callable(renames) else renames.get(key, key)
     if not prefix:
         return [key]
     out = [key, prefix + key]

@@ -161,7 +161,9 @@ class Model(nnx.Module):
         names and layouts. Files are written under temporary names and renamed at the end, so an
         interrupted save leaves an earlier checkpoint in the directory intact."""
         config = self.config
-        architecture = registry.transformers_class_name(config.model_type, self.task)
+        architecture = registry.transformers_class_name(
+            config.model_type, self.task, config.architectures
+        )
         config.architectures = [architecture] if architecture else None
         param_dtypes = {x.dtype for x in jax.tree.leaves(nnx.state(self, nnx.Param))}
         if len(param_dtypes) == 1:

@@ -112,8 +112,9 @@ class Family:
     heads: Mapping[str, HeadSpec]
     #: backbone submodules a checkpoint may lack (initialised, reported) or carry unused (dropped)
     optional_modules: tuple[str, ...] = ()
-    #: checkpoint-name exceptions, old -> current, applied to checkpoint keys before matching
-    renames: Mapping[str, str] = field(default_factory=dict)
+    #: checkpoint-name exceptions, old -> current, applied to checkpoint keys before matching; a
+    #: callable key -> key for spellings that follow a pattern (transformers 5's in-memory names)
+    renames: Mapping[str, str] | Callable = field(default_factory=dict)
     #: the name of the backbone's first positional input
     main_input_name: str = "input_ids"
     #: tables shared inside the backbone: owner module -> the modules that use it under their own
@@ -139,7 +140,7 @@ def register(
     base_model_prefix: str,
     heads: Mapping[str, HeadSpec],
     optional_modules: tuple[str, ...] = (),
-    renames: Mapping[str, str] | None = None,
+    renames: Mapping[str, str] | Callable | None = None,
     main_input_name: str = "input_ids",
     ties: Mapping[str, tuple[str, ...]] | Callable | None = None,
     ignored: tuple[str, ...] = (),
@@ -163,7 +164,7 @@ def register(
         base_model_prefix=base_model_prefix,
         heads=MappingProxyType(dict(heads)),
         optional_modules=tuple(optional_modules),
-        renames=dict(renames or {}),
+        renames=renames if callable(renames) else dict(renames or {}),
         main_input_name=main_input_name,
         ties=ties if callable(ties) else MappingProxyType(dict(ties or {})),
         ignored=tuple(ignored),
@@ -236,10 +237,15 @@ def lookup(model_type: str, task: str) -> tuple[Family, HeadSpec]:
     )
 
 
-def transformers_class_name(model_type: str, task: str) -> str | None:
-    """The transformers PyTorch class that serves (model_type, task), e.g. BertForMaskedLM."""
+def transformers_class_name(model_type: str, task: str, architectures=None) -> str | None:
+    """The transformers PyTorch class that serves (model_type, task), e.g. BertForMaskedLM.
+    Where transformers maps a task to several classes (deit's image classification, with or
+    without the teacher), the one `architectures` names, else the first, as its Auto classes
+    choose."""
     # Imported as a file, not through transformers' lazy package, which refuses without torch.
     modeling_auto = importlib.import_module("transformers.models.auto.modeling_auto")
     mapping = getattr(modeling_auto, TRANSFORMERS_MAPPINGS[task], {})
     name = mapping.get(model_type)
+    if isinstance(name, tuple):
+        return next((n for n in architectures or () if n in name), name[0])
     return name if isinstance(name, str) else None
