@@ -63,6 +63,20 @@ class NextSentencePredictorOutput(_TaskOutput):
 
 
 @struct.dataclass
+class ImageClassifierOutput(_TaskOutput):
+    logits: Array = None  # [B, num_labels]
+
+
+@struct.dataclass
+class DistilledImageClassifierOutput(_TaskOutput):
+    """DeiT with its distillation head: logits is the mean of the two heads' logits."""
+
+    logits: Array = None  # [B, num_labels]
+    cls_logits: Array = None  # [B, num_labels], from the [CLS] token
+    distillation_logits: Array = None  # [B, num_labels], from the distillation token
+
+
+@struct.dataclass
 class QuestionAnsweringModelOutput(_TaskOutput):
     start_logits: Array = None  # [B, T]
     end_logits: Array = None  # [B, T]

@@ -9,10 +9,13 @@ from flaxauto.heads.classification import (
     TokenClassificationHead,
 )
 from flaxauto.heads.language_modeling import CausalLMHead, MaskedLMHead
+from flaxauto.heads.vision import DistilledImageClassificationHead, ImageClassificationHead
 
 __all__ = [
     "CausalLMHead",
+    "DistilledImageClassificationHead",
     "Head",
+    "ImageClassificationHead",
     "MaskedLMHead",
     "MultipleChoiceHead",
     "NextSentencePredictionHead",
