@@ -66,6 +66,10 @@ BUILTIN_FAMILIES: dict[str, str] = {
     "llama": "llama",
     "mistral": "llama",
     "qwen2": "llama",
+    "vit": "vit",
+    "deit": "deit",
+    "beit": "beit",
+    "videomae": "videomae",
 }
 
 

@@ -63,17 +63,24 @@ TINY_CONFIGS["qwen2"] = dict(
     max_window_layers=1, tie_word_embeddings=True,
 )  # fmt: skip
 
+_PATCHES = dict(
+    image_size=16, patch_size=4, num_channels=3, hidden_size=32, num_hidden_layers=2,
+    num_attention_heads=4, intermediate_size=37, num_labels=3, initializer_range=INITIALIZER_RANGE,
+)  # fmt: skip
+TINY_CONFIGS["vit"] = dict(_PATCHES)
+TINY_CONFIGS["deit"] = dict(_PATCHES)
+# a relative position bias per layer, layer scale, mean pooling; the shared bias and the
+# [CLS] path are tested in tests/test_vision_transformers.py
+TINY_CONFIGS["beit"] = dict(
+    _PATCHES, use_relative_position_bias=True, layer_scale_init_value=0.5, use_mean_pooling=True
+)
+TINY_CONFIGS["videomae"] = dict(_PATCHES, num_frames=4, tubelet_size=2)
+
 #: Tiny configs for model_types no family serves yet (TINY_CONFIGS holds the served ones, which
 #: other tests iterate as "every family"). The factories below are checked against transformers'
 #: PyTorch models built from them (tests/test_references.py); a family that registers one of these
 #: model_types moves its entry into TINY_CONFIGS and gets the conformance suite with it.
 PROBE_CONFIGS: dict[str, dict] = {}
-_PATCHES = dict(
-    image_size=16, patch_size=4, num_channels=3, hidden_size=32, num_hidden_layers=2,
-    num_attention_heads=4, intermediate_size=37, num_labels=3, initializer_range=INITIALIZER_RANGE,
-)  # fmt: skip
-PROBE_CONFIGS["vit"] = dict(_PATCHES)
-PROBE_CONFIGS["videomae"] = dict(_PATCHES, num_frames=4, tubelet_size=2)
 PROBE_CONFIGS["wav2vec2"] = dict(
     vocab_size=32, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
     intermediate_size=20, conv_dim=(32, 32, 32), conv_stride=(4, 4, 4), conv_kernel=(8, 8, 8),
@@ -124,6 +131,8 @@ del PROBE_CONFIGS["tapas"]["type_vocab_size"]
 #: What a model_type reads: the input factory that feeds it (default "text").
 MODALITIES = {
     "vit": "image",
+    "deit": "image",
+    "beit": "image",
     "videomae": "video",
     "wav2vec2": "waveform",
     "whisper": "log-mel",

@@ -16,7 +16,7 @@ from flax import nnx
 
 import flaxauto
 from flaxauto import layers, rope
-from references import DECODERS, max_diff, text_inputs, torch_model
+from references import DECODERS, max_diff, task_inputs, text_inputs, torch_model
 
 TOLERANCE = 1e-5
 BATCH, T, S, E = 2, 5, 7, 32
@@ -279,6 +279,9 @@ FAMILY_TASKS = {
     "llama": "causal-lm",  # grouped-query, head_dim != hidden / heads
     "mistral": "causal-lm",  # multi-query, a sliding window shorter than the inputs
     "qwen2": "causal-lm",  # a full-attention layer, then a sliding one
+    "vit": "base",
+    "beit": "base",  # relative position biases per head
+    "videomae": "base",
 }
 
 
@@ -297,7 +300,7 @@ def family_pair(request, tmp_path_factory):
 
 def test_fused_option_matches_eager_for_every_family(family_pair):
     model_type, task, eager, fused = family_pair
-    inputs = text_inputs(model_type, task)  # padded
+    inputs = task_inputs(model_type, task)  # padded text
     field = "logits" if task == "causal-lm" else "last_hidden_state"
     expected = getattr(eager(**inputs), field)
     forward = jax.jit(lambda model, batch: getattr(model(**batch), field))
