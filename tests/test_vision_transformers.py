@@ -112,8 +112,12 @@ def test_deit_with_teacher_follows_the_config_architectures(tmp_path):
     _assert_close(ours(**inputs), run_torch(teacher, inputs), fields)
     with pytest.raises(TypeError, match="labels"):
         ours(**inputs, labels=np.zeros(4, np.int64))
-    out = _resaved(ours, tmp_path)
-    assert type(transformers.AutoModelForImageClassification.from_pretrained(out)) is teacher_class
+    reloaded = transformers.AutoModelForImageClassification.from_pretrained(
+        _resaved(ours, tmp_path)
+    )
+    assert type(reloaded) is teacher_class
+    for name, tensor in reloaded.state_dict().items():
+        assert torch.equal(tensor, teacher.state_dict()[name]), name
 
 
 @pytest.mark.parametrize(
