@@ -6,10 +6,12 @@ Every number comes from the live transformers PyTorch model on the same weights.
 
 from __future__ import annotations
 
+import jax
 import numpy as np
 import pytest
 import torch
 import transformers
+from flax import nnx
 
 import flaxauto
 from references import max_diff, run_torch, task_inputs, torch_model
@@ -170,3 +172,17 @@ def test_unimplemented_settings_are_refused():
     config = transformers.BeitConfig(use_mask_token=True)
     with pytest.raises(NotImplementedError, match="use_mask_token"):
         flaxauto.AutoModel.from_config(config)
+
+
+def test_pmap_data_parallel(tmp_path):
+    """Images split over 4 devices under jax.pmap with replicated state, as old Flax scripts ran."""
+    reference = torch_model("vit", "image-classification")
+    ours = _load(reference, tmp_path, flaxauto.AutoModelForImageClassification)
+    graphdef, state = nnx.split(ours)
+    devices = jax.local_devices()[:4]
+    inputs = task_inputs("vit", "image-classification", config=reference.config)
+    per_device = inputs["pixel_values"].reshape(len(devices), -1, *inputs["pixel_values"].shape[1:])
+    forward = jax.pmap(lambda state, x: nnx.merge(graphdef, state)(pixel_values=x).logits)
+    logits = forward(flaxauto.sharding.replicate(state, devices), per_device)
+    expected = run_torch(reference, inputs).logits
+    assert max_diff(np.asarray(logits).reshape(expected.shape), expected) <= TOLERANCE
