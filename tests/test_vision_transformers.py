@@ -172,6 +172,9 @@ def test_unimplemented_settings_are_refused():
     config = transformers.BeitConfig(use_mask_token=True)
     with pytest.raises(NotImplementedError, match="use_mask_token"):
         flaxauto.AutoModel.from_config(config)
+    config = transformers.ViTConfig(head_dim=32)  # transformers' ViT would use 12 x 32
+    with pytest.raises(NotImplementedError, match="head_dim=32"):
+        flaxauto.AutoModel.from_config(config)
 
 
 def test_pmap_data_parallel(tmp_path):

@@ -51,11 +51,9 @@ def check_config(config) -> None:
     """Refuse what this implementation does not compute, naming the attribute."""
     layers.check_heads_divide(config)
     layers.activation(config.hidden_act)
-    if getattr(config, "head_dim", None) not in (
-        None,
-        config.hidden_size // config.num_attention_heads,
-    ):
-        raise NotImplementedError(f"head_dim={config.head_dim} != hidden_size / heads")
+    head_dim = getattr(config, "head_dim", None)  # transformers 5 reads it, hub configs lack it
+    if head_dim not in (None, config.hidden_size // config.num_attention_heads):
+        raise NotImplementedError(f"head_dim={head_dim} (other than hidden_size / heads)")
 
 
 # --- transformers 5 names -> hub names ----------------------------------------------------------
@@ -399,7 +397,7 @@ NO_POOLER = {"add_pooling_layer": False}
 CONFIG_ATTRIBUTES = (
     "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "hidden_act",
     "hidden_dropout_prob", "attention_probs_dropout_prob", "layer_norm_eps", "image_size",
-    "patch_size", "num_channels", "num_labels",
+    "patch_size", "num_channels", "num_labels", "head_dim",
     # masked image modeling's decoder (not served) reads it; no forward served here does
     "encoder_stride",
 )  # fmt: skip
