@@ -14,7 +14,7 @@ import transformers
 from flax import nnx
 
 import flaxauto
-from references import max_diff, run_torch, task_inputs, torch_model
+from references import max_diff, run_torch, task_inputs, tiny_config, torch_model
 
 TOLERANCE = 1e-4
 
@@ -189,3 +189,14 @@ def test_pmap_data_parallel(tmp_path):
     logits = forward(flaxauto.sharding.replicate(state, devices), per_device)
     expected = run_torch(reference, inputs).logits
     assert max_diff(np.asarray(logits).reshape(expected.shape), expected) <= TOLERANCE
+
+
+def test_beit_refuses_training_scanned_layers_with_drop_path():
+    """Drop path's rate grows with depth; scanned layers would share layer 0's. Eval is fine."""
+    config = tiny_config("beit", drop_path_rate=0.2)
+    model = flaxauto.AutoModel.from_config(config, scan_layers=True)
+    inputs = task_inputs("beit", "base", config=config)
+    assert np.isfinite(np.asarray(model(**inputs).last_hidden_state)).all()
+    model.train()
+    with pytest.raises(NotImplementedError, match="drop_path_rate=0.2 and scan_layers"):
+        model(**inputs)
