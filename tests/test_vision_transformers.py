@@ -14,7 +14,8 @@ import transformers
 from flax import nnx
 
 import flaxauto
-from references import max_diff, run_torch, task_inputs, tiny_config, torch_model
+from flaxauto.converters.layout import export_tensors
+from references import max_diff, run_torch, task_inputs, tiny_config, to_torch, torch_model
 
 TOLERANCE = 1e-4
 
@@ -200,3 +201,31 @@ def test_beit_refuses_training_scanned_layers_with_drop_path():
     model.train()
     with pytest.raises(NotImplementedError, match="drop_path_rate=0.2 and scan_layers"):
         model(**inputs)
+
+
+@pytest.mark.parametrize(
+    "model_type, task",
+    [("vit", "image-classification"), ("beit", "image-classification"),
+     ("videomae", "video-classification")],
+)  # fmt: skip
+def test_loss_and_every_gradient_match_pytorch_autograd(model_type, task, tmp_path):
+    reference = torch_model(model_type, task)
+    auto = getattr(flaxauto, flaxauto.registry.TASK_AUTO_CLASSES[task])
+    ours = _load(reference, tmp_path, auto)
+    batch = {
+        **task_inputs(model_type, task, config=reference.config),
+        "labels": np.array([0, 2, 1, 1]),
+    }
+    reference(**to_torch(batch)).loss.backward()
+    loss, grads = nnx.value_and_grad(lambda model: model(**batch).loss)(ours)
+    assert max_diff(loss, reference(**to_torch(batch)).loss.detach()) <= TOLERANCE
+    nnx.update(ours, grads)  # the model now holds its gradients where its weights were
+    ours_by_name = dict(export_tensors(ours))
+    checked = 0
+    for name, parameter in reference.named_parameters():
+        expected = parameter.grad.numpy()
+        got = ours_by_name[ours.family.renames(name)]
+        scale = max(1.0, float(np.max(np.abs(expected))))
+        assert float(np.max(np.abs(got - expected))) <= TOLERANCE * scale, name
+        checked += 1
+    assert checked == len(ours_by_name)
