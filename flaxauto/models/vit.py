@@ -163,14 +163,12 @@ def project_patches(projection: nnx.Conv, patches: jax.Array) -> jax.Array:
     return out + along_last(projection.bias[...], out)
 
 
-def interpolate_positions(
-    table: jax.Array, grid: tuple[int, int], prefix_tokens: int, *, force: bool = False
-) -> jax.Array:
+def interpolate_positions(table: jax.Array, grid: tuple[int, int], prefix_tokens: int):
     """transformers' interpolate_pos_encoding: the patch part of a position table
     [1, prefix + n*n, E] resized bicubically to `grid` (the prefix tokens' positions kept).
-    Unchanged when the grid is square with the table's patch count (unless force)."""
+    Unchanged when the grid is square with the table's patch count, as transformers skips it."""
     num_positions = table.shape[1] - prefix_tokens
-    if not force and grid[0] * grid[1] == num_positions and grid[0] == grid[1]:
+    if grid[0] * grid[1] == num_positions and grid[0] == grid[1]:
         return table
     side = math.isqrt(num_positions)
     patches = table[0, prefix_tokens:].reshape(side, side, -1)
