@@ -63,6 +63,23 @@ TINY_CONFIGS["qwen2"] = dict(
     max_window_layers=1, tie_word_embeddings=True,
 )  # fmt: skip
 
+# convolutional image families: channels divisible by the 4-way FSDP axis; ResNet's and
+# RegNet's 16x16 pixels end 2x2 after the stem and two stages
+TINY_CONFIGS["resnet"] = dict(
+    embedding_size=8, hidden_sizes=[16, 32], depths=[2, 1], layer_type="bottleneck", num_labels=3,
+)  # fmt: skip
+TINY_CONFIGS["regnet"] = dict(
+    embedding_size=8, hidden_sizes=[16, 32], depths=[2, 1], groups_width=8, layer_type="y",
+    num_labels=3,
+)  # fmt: skip
+# layer scale away from its 1e-6 default (which would hide each block's branch); drop path set,
+# so eval must turn it off
+TINY_CONFIGS["convnext"] = dict(
+    hidden_sizes=[8, 16], depths=[2, 1], num_stages=2, patch_size=4, image_size=32,
+    layer_scale_init_value=0.5, drop_path_rate=0.1, num_labels=3,
+    initializer_range=INITIALIZER_RANGE,
+)  # fmt: skip
+
 #: Tiny configs for model_types no family serves yet (TINY_CONFIGS holds the served ones, which
 #: other tests iterate as "every family"). The factories below are checked against transformers'
 #: PyTorch models built from them (tests/test_references.py); a family that registers one of these
@@ -129,6 +146,9 @@ MODALITIES = {
     "whisper": "log-mel",
     "detr": "padded-image",
     "tapas": "table",
+    "resnet": "image",
+    "regnet": "image",
+    "convnext": "image",
 }
 
 #: Decoders are fed left-padded batches (as for generation). A padding position is a query with
