@@ -151,3 +151,8 @@ FLATTENED_POOLER_CLASSIFIER = HeadSpec(
     options={"pooling": "pooler", "dropout_rate": 0.0,
              "width": ConfigAttr("hidden_sizes", index=-1)},
 )  # fmt: skip
+
+
+def per_channel(values: jax.Array, x: jax.Array) -> jax.Array:
+    """[C] -> [1, 1, 1, C] in x's dtype, to scale a channels-last map [B, H, W, C]."""
+    return values.astype(x.dtype).reshape(1, 1, 1, -1)

@@ -151,6 +151,9 @@ MODALITIES = {
     "convnext": "image",
 }
 
+#: Families without attention (convolutional): no attention probabilities to check for spread.
+NO_ATTENTION = {"resnet", "regnet", "convnext"}
+
 #: Decoders are fed left-padded batches (as for generation). A padding position is a query with
 #: nothing to attend to, so its outputs are undefined: tests compare real tokens only.
 DECODERS = {"gpt2", "llama", "mistral", "qwen2"}

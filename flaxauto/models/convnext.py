@@ -71,7 +71,7 @@ class ConvNextLayer(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:  # [B, H, W, C]
         branch = self.pwconv2(self.act(self.pwconv1(self.layernorm(self.dwconv(x)))))
         if self.layer_scale_parameter is not None:
-            branch = self.layer_scale_parameter[...].astype(branch.dtype) * branch
+            branch = convnets.per_channel(self.layer_scale_parameter[...], branch) * branch
         return x + self.drop_path(branch)
 
 
