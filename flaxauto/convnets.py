@@ -24,6 +24,8 @@ Precision = layers.Precision
 #: logical axes of a convolution's input and output channels: FSDP splits "embed", tensor
 #: parallelism "mlp", as for a Linear
 CHANNEL_AXES = ("embed", "mlp")
+#: ResNet's and RegNet's conv kernel init: N(0, 2 / fan_out), fan_out = C_out * kh * kw
+KAIMING = "kaiming_fan_out"
 
 
 def channels_last(pixel_values: jax.Array, num_channels: int) -> jax.Array:
@@ -44,12 +46,19 @@ def channels_first(x: jax.Array) -> jax.Array:
     return jnp.transpose(x, (0, 3, 1, 2))
 
 
-def conv(in_channels, out_channels, kernel_size, precision, rngs, **options) -> nnx.Conv:
-    """A 2-d convolution (torch's padding, stride, groups) over channels-last inputs."""
-    return layers.conv(
+def conv(
+    in_channels, out_channels, kernel_size, precision, rngs, *, init: str | None = None, **options
+) -> nnx.Conv:
+    """A 2-d convolution (torch's padding, stride, groups) over channels-last inputs. init: how
+    from_config draws the kernel (converters.layout.initial_value), e.g. "kaiming_fan_out" for
+    ResNet's and RegNet's kaiming_normal_(mode="fan_out", nonlinearity="relu")."""
+    module = layers.conv(
         in_channels, out_channels, (kernel_size, kernel_size), CHANNEL_AXES, precision, rngs,
         **options,
     )  # fmt: skip
+    if init is not None:
+        module.kernel.set_metadata("init", init)
+    return module
 
 
 class ConvLayer(nnx.Module):
@@ -69,7 +78,7 @@ class ConvLayer(nnx.Module):
         activation: str | None = "relu",
     ):
         self.convolution = conv(
-            in_channels, out_channels, kernel_size, precision, rngs,
+            in_channels, out_channels, kernel_size, precision, rngs, init=KAIMING,
             stride=stride, padding=kernel_size // 2, groups=groups, use_bias=False,
         )  # fmt: skip
         self.normalization = layers.batch_norm(out_channels, precision)
@@ -85,8 +94,9 @@ class ShortCut(nnx.Module):
 
     def __init__(self, in_channels, out_channels, precision, rngs, *, stride: int = 2):
         self.convolution = conv(
-            in_channels, out_channels, 1, precision, rngs, stride=stride, use_bias=False
-        )
+            in_channels, out_channels, 1, precision, rngs, init=KAIMING, stride=stride,
+            use_bias=False,
+        )  # fmt: skip
         self.normalization = layers.batch_norm(out_channels, precision)
 
     def __call__(self, x: jax.Array) -> jax.Array:

@@ -9,11 +9,12 @@ import optax
 import pytest
 import safetensors.numpy
 import torch
+import transformers
 from flax import nnx
 
 import flaxauto
 from flaxauto.converters.layout import export_tensors
-from references import max_diff, run_torch, task_inputs, torch_model
+from references import max_diff, run_torch, task_inputs, tiny_config, torch_model
 
 TOLERANCE = 1e-4
 TASK = "image-classification"
@@ -181,3 +182,17 @@ def test_refusals(model_type, tmp_path):
     model = flaxauto.AutoModel.from_pretrained(tmp_path)
     with pytest.raises(ValueError, match="channel dimension"):
         model(pixel_values=np.zeros((1, 4, 16, 16), np.float32))
+
+
+def test_from_config_draws_conv_kernels_as_transformers():
+    """kaiming_normal_(mode="fan_out"): each conv kernel's spread matches a freshly initialised
+    PyTorch model's (both N(0, 2 / fan_out), so their sample deviations agree within noise)."""
+    config = tiny_config("resnet")
+    torch.manual_seed(0)
+    fresh = transformers.AutoModel.from_config(config).state_dict()
+    ours = dict(export_tensors(flaxauto.AutoModel.from_config(config, seed=0)))
+    kernels = [n for n, t in fresh.items() if t.ndim == 4 and t.numel() >= 500]
+    assert kernels
+    for name in kernels:
+        ratio = float(np.std(ours[name])) / float(fresh[name].std())
+        assert 0.85 < ratio < 1.15, (name, ratio)

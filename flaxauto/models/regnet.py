@@ -46,8 +46,8 @@ class RegNetSELayer(nnx.Module):
 
     def __init__(self, in_channels: int, reduced: int, precision: Precision, rngs: nnx.Rngs):
         self.attention = nnx.Dict({
-            "0": convnets.conv(in_channels, reduced, 1, precision, rngs),
-            "2": convnets.conv(reduced, in_channels, 1, precision, rngs),
+            "0": convnets.conv(in_channels, reduced, 1, precision, rngs, init=convnets.KAIMING),
+            "2": convnets.conv(reduced, in_channels, 1, precision, rngs, init=convnets.KAIMING),
         })  # fmt: skip
 
     def __call__(self, x: jax.Array) -> jax.Array:  # [B, H, W, C]
