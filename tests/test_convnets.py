@@ -4,6 +4,7 @@ against PyTorch's (running statistics, momentum, num_batches_tracked), drop path
 
 from __future__ import annotations
 
+import jax
 import numpy as np
 import optax
 import pytest
@@ -196,3 +197,18 @@ def test_from_config_draws_conv_kernels_as_transformers():
     for name in kernels:
         ratio = float(np.std(ours[name])) / float(fresh[name].std())
         assert 0.85 < ratio < 1.15, (name, ratio)
+
+
+def test_pmap_data_parallel_in_eval_mode(tmp_path):
+    """jax.pmap over replicated state: each device normalises its images with the running
+    statistics, so the per-device logits are PyTorch's eval logits."""
+    reference = torch_model("resnet", TASK)
+    reference.save_pretrained(tmp_path)
+    model = flaxauto.AutoModelForImageClassification.from_pretrained(tmp_path)
+    graphdef, state = nnx.split(model)
+    devices = jax.local_devices()[:4]
+    pixels = task_inputs("resnet", TASK, config=reference.config)["pixel_values"]  # batch 4
+    forward = jax.pmap(lambda state, x: nnx.merge(graphdef, state)(pixel_values=x).logits)
+    logits = forward(flaxauto.sharding.replicate(state, devices), pixels[:, None])
+    expected = run_torch(reference, {"pixel_values": pixels}).logits
+    assert max_diff(np.asarray(logits).reshape(expected.shape), expected) <= TOLERANCE
