@@ -91,7 +91,9 @@ class Slot:
     # reported), "counter" (a statistic such as num_batches_tracked: zero when absent, silently)
     # or "head"
     part: str
-    init: str  # "normal", "zeros", "ones" or "sinusoidal": transformers' _init_weights value
+    # "normal", "zeros", "ones", "sinusoidal", "kaiming_fan_out" or a float constant:
+    # transformers' _init_weights
+    init: str | float
     index: int | None = None  # the layer, for a variable stacked over layers (scan_layers)
     #: other checkpoint names that load into it: legacy spellings and the family's tied names
     aliases: tuple[str, ...] = ()
@@ -245,6 +247,11 @@ def initial_value(slot: Slot, key: jax.Array, std: float) -> jax.Array:
         return sinusoidal_table(*shape).astype(dtype)
     if slot.init == "normal":
         return (std * jax.random.normal(key, shape, jnp.float32)).astype(dtype)
+    if slot.init == "kaiming_fan_out":  # torch's kaiming_normal_(mode="fan_out"), for ReLU
+        fan_out = slot.shape[-1] * int(np.prod(slot.shape[:-2]))  # [*kernel, in, out]
+        return (np.sqrt(2.0 / fan_out) * jax.random.normal(key, shape, jnp.float32)).astype(dtype)
+    if isinstance(slot.init, float):  # a constant (ConvNeXt's layer_scale_init_value)
+        return jnp.full(shape, slot.init, dtype)
     if slot.init == "ones":
         return jnp.ones(shape, dtype)
     if slot.init == "zeros":

@@ -70,18 +70,24 @@ BUILTIN_FAMILIES: dict[str, str] = {
     "deit": "deit",
     "beit": "beit",
     "videomae": "videomae",
+    "resnet": "resnet",
+    "regnet": "regnet",
+    "convnext": "convnext",
 }
 
 
 @dataclass(frozen=True)
 class ConfigAttr:
     """A head or backbone option read from the config when the model is built, e.g.
-    `dropout_rate=ConfigAttr("seq_classif_dropout")`."""
+    `dropout_rate=ConfigAttr("seq_classif_dropout")`; `index` picks one item of a list
+    attribute (`ConfigAttr("hidden_sizes", index=-1)`: the last stage's width)."""
 
     name: str
+    index: int | None = None
 
     def resolve(self, config):
-        return getattr(config, self.name)
+        value = getattr(config, self.name)
+        return value if self.index is None else value[self.index]
 
 
 def resolve_options(options: Mapping[str, Any], config) -> dict[str, Any]:

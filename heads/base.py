@@ -60,8 +60,9 @@ def pool(
     """One vector per sequence [B, E] from the backbone output."""
     if pooling == "last_token":
         return _last_non_padding(features.last_hidden_state, input_ids, pad_token_id)
-    if pooling == "pooler":
-        return features.pooler_output
+    if pooling == "pooler":  # flattened as ResNet's classifier flattens its [B, C, 1, 1]
+        pooled = features.pooler_output
+        return pooled.reshape(pooled.shape[0], -1)
     if pooling == "first":
         return features.last_hidden_state[:, 0]
     if pooling == "mean":
@@ -109,8 +110,10 @@ class PooledProjection(nnx.Module):
         dropout_before_dense: bool = False,
         dropout_rate: float | None = None,
         use_bias: bool = True,
+        width: int | None = None,
     ):
-        hidden = config.hidden_size
+        """width: the pooled features' size where the config has no hidden_size (ResNet)."""
+        hidden = config.hidden_size if width is None else width
         self.pooling = pooling
         self.pad_token_id = config.pad_token_id if pooling == "last_token" else None
         rate = classifier_dropout_rate(config) if dropout_rate is None else dropout_rate

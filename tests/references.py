@@ -75,6 +75,22 @@ TINY_CONFIGS["beit"] = dict(
     _PATCHES, use_relative_position_bias=True, layer_scale_init_value=0.5, use_mean_pooling=True
 )
 TINY_CONFIGS["videomae"] = dict(_PATCHES, num_frames=4, tubelet_size=2)
+# convolutional image families: channels divisible by the 4-way FSDP axis; ResNet's and
+# RegNet's 16x16 pixels end 2x2 after the stem and two stages
+TINY_CONFIGS["resnet"] = dict(
+    embedding_size=8, hidden_sizes=[16, 32], depths=[2, 1], layer_type="bottleneck", num_labels=3,
+)  # fmt: skip
+TINY_CONFIGS["regnet"] = dict(
+    embedding_size=8, hidden_sizes=[16, 32], depths=[2, 1], groups_width=8, layer_type="y",
+    num_labels=3,
+)  # fmt: skip
+# layer scale away from its 1e-6 default (which would hide each block's branch); drop path set,
+# so eval must turn it off
+TINY_CONFIGS["convnext"] = dict(
+    hidden_sizes=[8, 16], depths=[2, 1], num_stages=2, patch_size=4, image_size=32,
+    layer_scale_init_value=0.5, drop_path_rate=0.1, num_labels=3,
+    initializer_range=INITIALIZER_RANGE,
+)  # fmt: skip
 
 #: Tiny configs for model_types no family serves yet (TINY_CONFIGS holds the served ones, which
 #: other tests iterate as "every family"). The factories below are checked against transformers'
@@ -138,7 +154,13 @@ MODALITIES = {
     "whisper": "log-mel",
     "detr": "padded-image",
     "tapas": "table",
+    "resnet": "image",
+    "regnet": "image",
+    "convnext": "image",
 }
+
+#: Families without attention (convolutional): no attention probabilities to check for spread.
+NO_ATTENTION = {"resnet", "regnet", "convnext"}
 
 #: Decoders are fed left-padded batches (as for generation). A padding position is a query with
 #: nothing to attend to, so its outputs are undefined: tests compare real tokens only.

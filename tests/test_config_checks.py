@@ -39,6 +39,10 @@ UNIMPLEMENTED = {
     "deit": {"pruned_heads": {0: [1]}},
     "beit": {"use_mask_token": True},
     "videomae": {"use_absolute_position_embeddings": True},
+    # stochastic depth, which ConvNeXt implements and ResNet / RegNet do not
+    "resnet": {"drop_path_rate": 0.1},
+    "regnet": {"drop_path_rate": 0.1},
+    "convnext": {"hidden_dropout_prob": 0.3},
 }
 
 #: Settings hub configs carry that change no number.

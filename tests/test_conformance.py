@@ -190,6 +190,20 @@ def test_sharded_on_fsdp_mesh_matches_single_device(case, loaded):
         assert max_diff(getattr(output, field), getattr(expected, field)) <= 1e-5
 
 
+#: scan_layers / remat serve uniform layer stacks; the convolutional families' stages differ in
+#: width and stride layer by layer, and refuse them (test_convnets.py)
+SCANNED_PAIRS = [
+    (model_type, task)
+    for model_type, task in PAIRS
+    if getattr(
+        flaxauto.registry.lookup(model_type, task)[0].backbone, "supports_scan_layers", False
+    )
+]
+
+
+@pytest.mark.parametrize(
+    "case", SCANNED_PAIRS, ids=[f"{m}-{t}" for m, t in SCANNED_PAIRS], indirect=True
+)
 def test_parity_with_scan_layers_and_remat(case, loaded, tmp_path):
     scanned = case.auto_class.from_pretrained(case.safetensors_dir, scan_layers=True, remat=True)
     forward = jax.jit(lambda model, batch: model(**batch))
