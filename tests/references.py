@@ -112,14 +112,14 @@ PROBE_CONFIGS["detr"] = dict(
 )  # fmt: skip
 #: TAPAS as fine-tuned on WTQ (weak supervision: aggregation learned from the answer), the setting
 #: that reads every table label; position ids restart in every cell.
-PROBE_CONFIGS["tapas"] = dict(
+TINY_CONFIGS["tapas"] = dict(
     TINY_CONFIGS["bert"], type_vocab_sizes=[3, 5, 6, 2, 6, 6, 10], max_position_embeddings=64,
     num_aggregation_labels=4, use_answer_as_supervision=True, answer_loss_cutoff=100.0,
     cell_selection_preference=0.5, huber_loss_delta=25.0, average_logits_per_cell=True,
     select_one_column=True, reset_position_index_per_cell=True,
     init_cell_selection_weights_to_zero=False,
 )  # fmt: skip
-del PROBE_CONFIGS["tapas"]["type_vocab_size"]
+del TINY_CONFIGS["tapas"]["type_vocab_size"]
 
 #: What a model_type reads: the input factory that feeds it (default "text").
 MODALITIES = {
