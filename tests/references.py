@@ -284,7 +284,8 @@ def _table(model_type: str, task: str, config, rng, batch: int) -> dict[str, np.
     [CLS] question [SEP] header cells, then the body row by row, then padding.
     token_type_ids [B, T, 7] carry segment, column (1-based), row (header 0), previous answer,
     column rank and inverse rank of numeric cells, and the numeric relation to the question."""
-    length = 2 + QUESTION_LENGTH + (TABLE_ROWS + 1) * TABLE_COLUMNS + 2  # + 2 padding
+    # + 3 padding: 21 tokens, a multiple of the config checks' chunk_size_feed_forward
+    length = 2 + QUESTION_LENGTH + (TABLE_ROWS + 1) * TABLE_COLUMNS + 3
     ids = np.full((batch, length), config.pad_token_id or 0)
     types = np.zeros((batch, length, len(TABLE_TOKEN_TYPES)), dtype=np.int64)
     mask = np.zeros((batch, length), dtype=np.int64)

@@ -84,7 +84,8 @@ class TapasModel(BertModel):
 
 
 #: What TAPAS reads from the config; the table QA settings are read by its head.
-CONFIG_ATTRIBUTES = tuple(a for a in BERT_CONFIG_ATTRIBUTES if a != "type_vocab_size") + (
+_NOT_TAPAS = ("type_vocab_size", "position_embedding_type")  # TapasConfig has neither
+CONFIG_ATTRIBUTES = tuple(a for a in BERT_CONFIG_ATTRIBUTES if a not in _NOT_TAPAS) + (
     "type_vocab_sizes", "reset_position_index_per_cell", "positive_label_weight",
     "num_aggregation_labels", "aggregation_loss_weight", "use_answer_as_supervision",
     "answer_loss_importance", "use_normalized_answer_loss", "huber_loss_delta", "temperature",
