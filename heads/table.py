@@ -55,6 +55,25 @@ class TableSettings:
         return cls(**values)
 
 
+def table_layout(inputs: dict, shape: tuple[int, int], settings: TableSettings):
+    """(cell index [B, T] over max_num_rows x max_num_columns, column index, attention mask
+    [B, T] and table mask [B, T] as floats) from token_type_ids [B, T, 7]; ids past the maxima
+    share the last row / column, as in transformers. The table mask defaults to the body's
+    tokens (row > 0)."""
+    types = inputs.get("token_type_ids")
+    types = jnp.zeros((*shape, 7), jnp.int32) if types is None else jnp.asarray(types)
+    row_ids, column_ids = types[:, :, ROW_IDS], types[:, :, COLUMN_IDS]
+    rows, columns = settings.max_num_rows, settings.max_num_columns
+    row_index = segments.index_map(jnp.minimum(row_ids, rows - 1), rows, 1)
+    column_index = segments.index_map(jnp.minimum(column_ids, columns - 1), columns, 1)
+    mask = inputs.get("attention_mask")
+    input_mask = jnp.ones(shape, jnp.float32) if mask is None else jnp.asarray(mask, jnp.float32)
+    table_mask = inputs.get("table_mask")
+    table_mask = (row_ids > 0) if table_mask is None else jnp.asarray(table_mask)
+    cells = segments.product_index(row_index, column_index)
+    return cells, column_index, input_mask, table_mask.astype(jnp.float32)
+
+
 class TableQuestionAnsweringHead(Head):
     """Token logits for cell selection (one weight vector, / temperature), restricted with
     select_one_column to the most likely column; aggregation logits from the pooled output when
@@ -90,23 +109,8 @@ class TableQuestionAnsweringHead(Head):
     ):  # fmt: skip
         s = self.settings
         hidden = self.dropout(features.last_hidden_state)  # [B, T, E]
-        shape = hidden.shape[:2]
-        types = inputs.get("token_type_ids")
-        types = jnp.zeros((*shape, 7), jnp.int32) if types is None else jnp.asarray(types)
-        row_ids, column_ids = types[:, :, ROW_IDS], types[:, :, COLUMN_IDS]
-        rows = segments.index_map(jnp.minimum(row_ids, s.max_num_rows - 1), s.max_num_rows, 1)
-        cols = segments.index_map(
-            jnp.minimum(column_ids, s.max_num_columns - 1), s.max_num_columns, 1
-        )
-        cells = segments.product_index(rows, cols)
-        mask = inputs.get("attention_mask")
-        input_mask = (
-            jnp.ones(shape, jnp.float32) if mask is None else jnp.asarray(mask, jnp.float32)
-        )
-        table_mask = inputs.get("table_mask")
-        table_mask = (row_ids > 0) if table_mask is None else jnp.asarray(table_mask)
-        table_mask = table_mask.astype(jnp.float32)
-        cell_mask, _ = segments.reduce_mean(input_mask, cells)  # [B, cells]
+        cells, cols, input_mask, table_mask = table_layout(inputs, hidden.shape[:2], s)
+        cell_mask, _ = segments.reduce_mean(input_mask, cells)  # [B, cells]: 1 where a cell is
 
         logits = self._token_logits(hidden, self.output_weights, self.output_bias) / s.temperature
         columns_logits = None
@@ -127,7 +131,7 @@ class TableQuestionAnsweringHead(Head):
                 numeric_values, numeric_values_scale,
             )  # fmt: skip
         elif s.select_one_column:
-            no_labels = jnp.zeros(shape, jnp.int32)
+            no_labels = jnp.zeros(logits.shape, jnp.int32)
             _, logits = table_losses.single_column_selection(
                 logits, columns_logits, no_labels, cells, cols, cell_mask
             )

@@ -198,7 +198,7 @@ def test_table_qa_loss_and_gradients_equal_transformers(mode, tmp_path):
     batch = {**inputs, **_labels(reference, inputs)}
     their_out, their_grads = _torch_grads(reference, batch)
     our_out, our_grads = _flax_grads(ours, batch)
-    assert float(their_out.loss) > 0
+    assert their_out.loss.item() > 0
     assert max_diff(our_out.loss, their_out.loss) <= 1e-4
     assert max_diff(our_out.logits, their_out.logits) <= 1e-4
     pad = reference.config.pad_token_id
@@ -280,7 +280,7 @@ def test_answer_decoding_equals_the_tokenizers(tapas_example):
         expected = tokenizer.convert_logits_to_predictions(
             to_torch(inputs),
             torch.as_tensor(logits),
-            torch.as_tensor(np.asarray(out.logits_aggregation)),
+            torch.as_tensor(np.array(out.logits_aggregation)),
         )
         got = convert_logits_to_predictions(inputs, logits, out.logits_aggregation)
         assert got == expected
