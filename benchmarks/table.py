@@ -113,7 +113,7 @@ def main(argv=None) -> list[dict]:
             "table", f"{case} forward", common.ms(times["flax forward"]),
             f"torch eager {common.ms(times['torch forward'])}",
             times["flax forward"] / times["torch forward"],
-            note=f"max abs diff of the cell logits {error:.1e}; {load}",
+            note=f"max abs diff of the cell logits {error:.1e} (divided by temperature {config.temperature}); {load}",
         ),
         common.row(
             "table", f"{case} weak-supervision loss + grad", common.ms(times["flax grad"]),
