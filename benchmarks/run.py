@@ -20,7 +20,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common  # noqa: E402
 
-BENCHMARKS = ("encoder", "vit", "convnet", "loading", "compile", "training", "decode", "gpu")
+BENCHMARKS = (
+    "encoder",
+    "vit",
+    "convnet",
+    "table",
+    "loading",
+    "compile",
+    "training",
+    "decode",
+    "gpu",
+)
 
 
 def run_one(name: str, quick: bool) -> list[dict]:

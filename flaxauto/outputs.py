@@ -91,3 +91,9 @@ class BaseModelOutputWithPast(BaseModelOutput):
 class CausalLMOutputWithPast(_TaskOutput):
     logits: Array = None  # [B, T, V]
     cache: object = None  # flaxauto.decoder.KVCache, when the forward was given one
+
+
+@struct.dataclass
+class TableQuestionAnsweringOutput(_TaskOutput):
+    logits: Array = None  # [B, T], cell selection per token
+    logits_aggregation: Array | None = None  # [B, num_aggregation_labels], when the head has one

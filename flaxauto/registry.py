@@ -73,6 +73,7 @@ BUILTIN_FAMILIES: dict[str, str] = {
     "resnet": "resnet",
     "regnet": "regnet",
     "convnext": "convnext",
+    "tapas": "tapas",
 }
 
 

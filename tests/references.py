@@ -135,14 +135,14 @@ PROBE_CONFIGS["detr"] = dict(
 )  # fmt: skip
 #: TAPAS as fine-tuned on WTQ (weak supervision: aggregation learned from the answer), the setting
 #: that reads every table label; position ids restart in every cell.
-PROBE_CONFIGS["tapas"] = dict(
+TINY_CONFIGS["tapas"] = dict(
     TINY_CONFIGS["bert"], type_vocab_sizes=[3, 5, 6, 2, 6, 6, 10], max_position_embeddings=64,
     num_aggregation_labels=4, use_answer_as_supervision=True, answer_loss_cutoff=100.0,
     cell_selection_preference=0.5, huber_loss_delta=25.0, average_logits_per_cell=True,
     select_one_column=True, reset_position_index_per_cell=True,
     init_cell_selection_weights_to_zero=False,
 )  # fmt: skip
-del PROBE_CONFIGS["tapas"]["type_vocab_size"]
+del TINY_CONFIGS["tapas"]["type_vocab_size"]
 
 #: What a model_type reads: the input factory that feeds it (default "text").
 MODALITIES = {
@@ -315,7 +315,8 @@ def _table(model_type: str, task: str, config, rng, batch: int) -> dict[str, np.
     [CLS] question [SEP] header cells, then the body row by row, then padding.
     token_type_ids [B, T, 7] carry segment, column (1-based), row (header 0), previous answer,
     column rank and inverse rank of numeric cells, and the numeric relation to the question."""
-    length = 2 + QUESTION_LENGTH + (TABLE_ROWS + 1) * TABLE_COLUMNS + 2  # + 2 padding
+    # + 3 padding: 21 tokens, a multiple of the config checks' chunk_size_feed_forward
+    length = 2 + QUESTION_LENGTH + (TABLE_ROWS + 1) * TABLE_COLUMNS + 3
     ids = np.full((batch, length), config.pad_token_id or 0)
     types = np.zeros((batch, length, len(TABLE_TOKEN_TYPES)), dtype=np.int64)
     mask = np.zeros((batch, length), dtype=np.int64)

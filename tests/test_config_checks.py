@@ -43,6 +43,7 @@ UNIMPLEMENTED = {
     "resnet": {"drop_path_rate": 0.1},
     "regnet": {"drop_path_rate": 0.1},
     "convnext": {"hidden_dropout_prob": 0.3},
+    "tapas": {"position_embedding_type": "relative_key"},
 }
 
 #: Settings hub configs carry that change no number.

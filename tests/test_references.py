@@ -59,7 +59,8 @@ def probe(request):
 
 
 def test_every_modality_and_task_has_a_factory_and_a_probe():
-    assert set(PROBES) == set(PROBE_CONFIGS)
+    # a probed model_type stays probed when its family registers (its config moves to TINY_CONFIGS)
+    assert set(PROBE_CONFIGS) <= set(PROBES) <= set(PROBE_CONFIGS) | set(TINY_CONFIGS)
     assert set(MODALITIES.values()) | {"text"} == set(INPUT_FACTORIES)
     probed = {task for tasks in PROBES.values() for task in tasks} - {"base"}
     assert probed <= set(LABEL_FACTORIES)
