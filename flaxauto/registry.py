@@ -67,6 +67,8 @@ BUILTIN_FAMILIES: dict[str, str] = {
     "mistral": "llama",
     "qwen2": "llama",
     "bart": "bart",
+    "mbart": "mbart",
+    "pegasus": "pegasus",
 }
 
 

@@ -100,6 +100,10 @@ TINY_CONFIGS["bart"] = dict(
     pad_token_id=1, bos_token_id=0, eos_token_id=2, decoder_start_token_id=2, num_labels=3,
     init_std=INITIALIZER_RANGE,
 )  # fmt: skip
+# pre-norm with final layer norms; decoder inputs start with each row's last token
+TINY_CONFIGS["mbart"] = dict(TINY_CONFIGS["bart"], scale_embedding=True)
+# pre-norm, sinusoidal positions, no layernorm_embedding
+TINY_CONFIGS["pegasus"] = dict(TINY_CONFIGS["mbart"])
 PROBE_CONFIGS["detr"] = dict(
     use_timm_backbone=False, use_pretrained_backbone=False, backbone=None,
     backbone_config=dict(

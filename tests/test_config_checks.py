@@ -37,6 +37,8 @@ UNIMPLEMENTED = {
     "qwen2": {"use_mrope": True},
     # BartForCausalLM's decoder alone
     "bart": {"is_decoder": True},
+    "mbart": {"is_decoder": True},
+    "pegasus": {"is_decoder": True},
 }
 
 #: Settings hub configs carry that change no number.
@@ -66,8 +68,11 @@ def test_an_unknown_setting_is_refused_naming_it(model_type):
 def test_a_setting_the_family_does_not_implement_is_refused_naming_it(model_type):
     ((name, value),) = UNIMPLEMENTED[model_type].items()
     config = tiny_config(model_type, **{name: value})
+    auto_class = flaxauto.AutoModelForSequenceClassification
+    if "sequence-classification" not in flaxauto.supported()[model_type]:  # Pegasus
+        auto_class = flaxauto.AutoModel
     with pytest.raises(NotImplementedError, match=f"{name}="):
-        flaxauto.AutoModelForSequenceClassification.from_config(config)
+        auto_class.from_config(config)
     # the other architecture: an encoder-decoder switch on an encoder or decoder, or off
     other = not transformers.AutoConfig.for_model(model_type).is_encoder_decoder
     with pytest.raises(NotImplementedError, match=f"is_encoder_decoder={other}"):
