@@ -210,7 +210,7 @@ class _Embeddings(nnx.Module):
         else:  # a fixed table, saved in checkpoints as transformers saves it
             self.embed_positions = layers.embedding(
                 config.max_position_embeddings, width, (None, "embed"), precision, rngs,
-                init="sinusoidal",
+                init="sinusoidal-halves",
             )  # fmt: skip
             self.position_offset = 0
         self.layernorm_embedding = (
