@@ -25,6 +25,7 @@ BENCHMARKS = (
     "vit",
     "convnet",
     "table",
+    "seq2seq",
     "loading",
     "compile",
     "training",

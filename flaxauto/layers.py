@@ -214,7 +214,8 @@ def embedding(
     *,
     init: str | None = None,
 ) -> nnx.Embed:
-    """An embedding table [num, features]; init="sinusoidal" for fixed sin/cos tables
+    """An embedding table [num, features]; init="sinusoidal" (or "sinusoidal-halves", see
+    sinusoidal_table) for fixed sin/cos tables
     (initialised that way by from_config; checkpoints carry the table like any other)."""
     metadata = _axes(*axes) | ({"init": init} if init else {})
     return nnx.Embed(
@@ -228,13 +229,18 @@ def embedding(
     )
 
 
-def sinusoidal_table(num: int, features: int) -> jax.Array:
-    """[num, features]: sin on even features, cos on odd, frequency 10000^(-2*(j//2)/features).
+def sinusoidal_table(num: int, features: int, *, halves: bool = False) -> jax.Array:
+    """[num, features]: sin on even features, cos on odd, frequency 10000^(-2*(j//2)/features);
+    with halves (Marian, Pegasus) the sines of the even features fill the first half and the
+    cosines of the odd ones the second.
 
     Computed in float64 on the host, as transformers does, then rounded once."""
     positions = np.arange(num, dtype=np.float64)[:, None]
     angles = positions / np.power(10000.0, 2 * (np.arange(features) // 2) / features)[None, :]
-    table = np.where(np.arange(features)[None, :] % 2 == 0, np.sin(angles), np.cos(angles))
+    if halves:
+        table = np.concatenate([np.sin(angles[:, 0::2]), np.cos(angles[:, 1::2])], axis=1)
+    else:
+        table = np.where(np.arange(features)[None, :] % 2 == 0, np.sin(angles), np.cos(angles))
     return jnp.asarray(table.astype(np.float32))
 
 

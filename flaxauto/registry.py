@@ -74,6 +74,9 @@ BUILTIN_FAMILIES: dict[str, str] = {
     "regnet": "regnet",
     "convnext": "convnext",
     "tapas": "tapas",
+    "bart": "bart",
+    "mbart": "mbart",
+    "pegasus": "pegasus",
 }
 
 

@@ -9,6 +9,11 @@ from flaxauto.heads.classification import (
     TokenClassificationHead,
 )
 from flaxauto.heads.language_modeling import CausalLMHead, MaskedLMHead
+from flaxauto.heads.seq2seq import (
+    Seq2SeqLMHead,
+    Seq2SeqQuestionAnsweringHead,
+    Seq2SeqSequenceClassificationHead,
+)
 from flaxauto.heads.vision import DistilledImageClassificationHead, ImageClassificationHead
 
 __all__ = [
@@ -21,6 +26,9 @@ __all__ = [
     "NextSentencePredictionHead",
     "PooledProjection",
     "QuestionAnsweringHead",
+    "Seq2SeqLMHead",
+    "Seq2SeqQuestionAnsweringHead",
+    "Seq2SeqSequenceClassificationHead",
     "SequenceClassificationHead",
     "TokenClassificationHead",
     "pool",

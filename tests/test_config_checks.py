@@ -44,6 +44,10 @@ UNIMPLEMENTED = {
     "regnet": {"drop_path_rate": 0.1},
     "convnext": {"hidden_dropout_prob": 0.3},
     "tapas": {"position_embedding_type": "relative_key"},
+    # BartForCausalLM's decoder alone
+    "bart": {"is_decoder": True},
+    "mbart": {"is_decoder": True},
+    "pegasus": {"is_decoder": True},
 }
 
 #: Settings hub configs carry that change no number.
@@ -73,13 +77,15 @@ def test_an_unknown_setting_is_refused_naming_it(model_type):
 def test_a_setting_the_family_does_not_implement_is_refused_naming_it(model_type):
     ((name, value),) = UNIMPLEMENTED[model_type].items()
     config = tiny_config(model_type, **{name: value})
-    tasks = flaxauto.supported()[model_type]  # a head where the family has one for text
-    auto = flaxauto.AutoModelForSequenceClassification
-    auto = auto if "sequence-classification" in tasks else flaxauto.AutoModel
+    auto_class = flaxauto.AutoModelForSequenceClassification
+    if "sequence-classification" not in flaxauto.supported()[model_type]:  # Pegasus
+        auto_class = flaxauto.AutoModel
     with pytest.raises(NotImplementedError, match=f"{name}="):
-        auto.from_config(config)
-    with pytest.raises(NotImplementedError, match="is_encoder_decoder=True"):
-        flaxauto.AutoModel.from_config(tiny_config(model_type, is_encoder_decoder=True))
+        auto_class.from_config(config)
+    # the other architecture: an encoder-decoder switch on an encoder or decoder, or off
+    other = not transformers.AutoConfig.for_model(model_type).is_encoder_decoder
+    with pytest.raises(NotImplementedError, match=f"is_encoder_decoder={other}"):
+        flaxauto.AutoModel.from_config(tiny_config(model_type, is_encoder_decoder=other))
 
 
 @pytest.mark.parametrize("model_type", MODEL_TYPES)
