@@ -99,6 +99,7 @@ class TableQuestionAnsweringOutput(_TaskOutput):
     logits_aggregation: Array | None = None  # [B, num_aggregation_labels], when the head has one
 
 
+@struct.dataclass
 class BaseModelOutputWithPastAndCrossAttentions(BaseModelOutputWithPast):
     """A decoder with cross attention (an encoder-decoder's `decode`)."""
 
