@@ -7,6 +7,7 @@ the checkpoint lacks (a new head, a pooler) is initialised, by transformers' rul
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
@@ -20,7 +21,12 @@ from flax import nnx
 
 from flaxauto import config_checks, decoding, inputs, layers, registry
 from flaxauto.converters.errors import CheckpointError
-from flaxauto.converters.files import open_tensors, resolve_checkpoint, save_safetensors
+from flaxauto.converters.files import (
+    GENERATION_CONFIG,
+    open_tensors,
+    resolve_checkpoint,
+    save_safetensors,
+)
 from flaxauto.converters.layout import export_tensors, initial_value, parameter_slots
 from flaxauto.converters.loader import LoadingInfo, load_weights
 
@@ -158,9 +164,10 @@ class Model(nnx.Module):
 
     def save_pretrained(self, save_directory, *, max_shard_size: int | str = "5GB") -> list[Path]:
         """Write config.json and model.safetensors (sharded past max_shard_size) in transformers'
-        names and layouts. Files are written under temporary names and renamed at the end, so an
-        interrupted save leaves an earlier checkpoint in the directory intact."""
-        config = self.config
+        names and layouts, crash-consistently: interrupted anywhere, the directory loads as
+        wholly the earlier checkpoint or wholly this one (see converters.files.save_safetensors).
+        Other files there (a tokenizer) are kept. The model's own config is not changed."""
+        config = copy.deepcopy(self.config)
         architecture = registry.transformers_class_name(config.model_type, self.task)
         config.architectures = [architecture] if architecture else None
         param_dtypes = {x.dtype for x in jax.tree.leaves(nnx.state(self, nnx.Param))}
@@ -172,12 +179,13 @@ class Model(nnx.Module):
             max_shard_size=max_shard_size,
             metadata={"format": "pt"},
             extra_files=self._config_files(config),
+            replaces=(GENERATION_CONFIG,),  # an earlier model's, stale beside this one
         )
 
     def _config_files(self, config) -> dict[str, str]:
         files = {"config.json": config.to_json_string(use_diff=True)}
         if self.task == "causal-lm":  # transformers saves one beside every generative model
-            files["generation_config.json"] = self.generation_config.to_json_string(use_diff=True)
+            files[GENERATION_CONFIG] = self.generation_config.to_json_string(use_diff=True)
         return files
 
 
