@@ -94,6 +94,7 @@ class Model(nnx.Module):
             if main in kwargs:
                 raise TypeError(f"got {main} both by position and by name")
             kwargs[main] = args[0]
+        kwargs = inputs.alias_past_key_values(kwargs)  # transformers' name for cache=
         call = inputs.sort_inputs(kwargs, self.backbone, self.head, self.config)
         if self.head is None:
             return self.backbone(**call.data, **call.flags)
