@@ -29,6 +29,13 @@ import safetensors.numpy
 
 from flaxauto.converters.buffers import ALIGNMENT, aligned_empty, read_into
 from flaxauto.converters.errors import CheckpointError
+from flaxauto.converters.flax_checkpoints import (
+    FLAX_INDEX,
+    FLAX_WEIGHTS,
+    FlaxMsgpackFile,
+    FlaxSafetensorsFile,
+    index_key_name,
+)
 
 SAFE_WEIGHTS = "model.safetensors"
 SAFE_INDEX = "model.safetensors.index.json"
@@ -37,7 +44,8 @@ BIN_INDEX = "pytorch_model.bin.index.json"
 CONFIG = "config.json"
 GENERATION_CONFIG = "generation_config.json"
 
-_WEIGHT_NAMES = (SAFE_WEIGHTS, SAFE_INDEX, BIN_WEIGHTS, BIN_INDEX)  # in order of preference
+# in order of preference; transformers 4 Flax's last (see converters.flax_checkpoints)
+_WEIGHT_NAMES = (SAFE_WEIGHTS, SAFE_INDEX, BIN_WEIGHTS, BIN_INDEX, FLAX_WEIGHTS, FLAX_INDEX)
 _SHARD_NAME = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
 _LOCAL_PREFIXES = ("./", "../", "~", ".\\", "..\\")
 
@@ -46,7 +54,7 @@ _LOCAL_PREFIXES = ("./", "../", "~", ".\\", "..\\")
 class Checkpoint:
     directory: Path
     config_path: Path
-    format: str  # "safetensors" or "bin"
+    format: str  # "safetensors", "bin" or "flax" (msgpack)
     weight_files: tuple[Path, ...]
     weight_map: dict[str, Path] | None = field(hash=False)  # tensor -> shard; None: one file
     generation_config_path: Path | None
@@ -111,10 +119,15 @@ def _locate(
         raise CheckpointError(f"{where}: no weights; looked for {names}{hint}")
     kind, weights = found  # kind: the file's name without the variant
     weight_map = _read_index(weights, fetch) if kind.endswith(".index.json") else None
+    format = "safetensors" if kind.startswith(SAFE_WEIGHTS) else "bin"
+    if kind.startswith(FLAX_WEIGHTS):
+        format = "flax"
+        if weight_map is not None:  # its keys are Flax paths: "bert/pooler/dense/kernel"
+            weight_map = {index_key_name(key): path for key, path in weight_map.items()}
     return Checkpoint(
         directory=config.parent,
         config_path=config,
-        format="safetensors" if kind.startswith(SAFE_WEIGHTS) else "bin",
+        format=format,
         # Shard names carry their number: sorted, they come in the order they were written.
         weight_files=(weights,) if weight_map is None else tuple(sorted({*weight_map.values()})),
         weight_map=weight_map,
@@ -223,6 +236,9 @@ class _SafetensorsFile:
     def keys(self) -> list[str]:
         return list(self._handle.keys())
 
+    def metadata(self) -> dict[str, str]:
+        return self._handle.metadata() or {}
+
     def shape(self, key: str) -> tuple[int, ...]:
         return tuple(self._handle.get_slice(key).get_shape())
 
@@ -285,8 +301,13 @@ def arrange(array: np.ndarray, axes: tuple[int, ...], dtype) -> np.ndarray:
 
 
 def _open_weight_file(path: Path, format: str):
+    if format == "flax":
+        return FlaxMsgpackFile(path)
     if format == "safetensors":
-        return _SafetensorsFile(path)
+        reader = _SafetensorsFile(path)
+        if reader.metadata().get("format") == "flax":  # saved by transformers 4 Flax
+            return FlaxSafetensorsFile(reader)
+        return reader
     from flaxauto.converters.torch_pickle import open_torch_bin  # only .bin checkpoints need it
 
     return open_torch_bin(path)
