@@ -28,7 +28,7 @@ from flaxauto.converters.files import (
     save_safetensors,
 )
 from flaxauto.converters.layout import export_tensors, initial_value, parameter_slots
-from flaxauto.converters.loader import LoadingInfo, load_weights
+from flaxauto.converters.loader import LoadingInfo, is_floating, load_weights
 
 logger = logging.getLogger("flaxauto")
 
@@ -340,6 +340,9 @@ def from_pretrained(
         checkpoint.directory, return_unused_kwargs=True, **config_overrides
     )
     inputs.refuse_unused_config_keywords(unused, config)
+    keep_dtypes = isinstance(param_dtype, str) and param_dtype == "auto"
+    if keep_dtypes:
+        param_dtype = _checkpoint_float_dtype(checkpoint)
     precision = _precision(dtype, param_dtype, attn_implementation)
     model = build_abstract(config, task, precision, scan_layers=scan_layers, remat=remat)
     if mesh is not None:
@@ -355,6 +358,7 @@ def from_pretrained(
             ignore_mismatched_sizes=ignore_mismatched_sizes,
             progress=progress,
             where=str(checkpoint.directory),
+            keep_dtypes=keep_dtypes,
         )
     initialize_abstract(model, seed, mesh, rules)
     model.static.placement = (mesh, rules)  # where init_cache puts a cache by default
@@ -368,6 +372,19 @@ def from_pretrained(
             path.parent, config_file_name=path.name
         )
     return (model, info.as_dict()) if output_loading_info else model
+
+
+def _checkpoint_float_dtype(checkpoint) -> np.dtype:
+    """param_dtype="auto": the floating dtype most of the checkpoint's bytes have (float32 if it
+    has none): the storage of what the checkpoint lacks, and the compute dtype unless given.
+    Reads headers only (safetensors, .bin)."""
+    sizes: dict[np.dtype, int] = {}
+    with open_tensors(checkpoint) as source:
+        for key in source.keys():
+            kind = source.dtype(key)
+            if is_floating(kind):
+                sizes[kind] = sizes.get(kind, 0) + math.prod(source.shape(key)) * kind.itemsize
+    return max(sizes, key=sizes.get) if sizes else np.dtype(np.float32)
 
 
 def _report(model: Model, info: LoadingInfo) -> None:
