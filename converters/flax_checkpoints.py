@@ -57,33 +57,30 @@ def _flatten(tree, prefix=()) -> dict[tuple[str, ...], object]:
     return {prefix: tree}
 
 
-class FlaxMsgpackFile:
-    """One flax_model.msgpack file (or shard), decoded whole, offering PyTorch names."""
+class FlaxTreeTensors:
+    """A transformers 4 Flax params tree (nested dicts of arrays) as a tensor source with
+    PyTorch names and layouts (what the loader reads)."""
 
-    def __init__(self, path: Path):
-        from flax import serialization
-
-        self.path = path
-        try:
-            tree = serialization.msgpack_restore(path.read_bytes())
-        except Exception as error:  # msgpack raises many types on damaged input
-            raise CheckpointError(f"{path}: unreadable or corrupt Flax msgpack ({error})") from None
+    def __init__(self, tree, where: str):
         if isinstance(tree, dict) and set(tree) == {"params"}:  # saved with its collection
             tree = tree["params"]
         if not isinstance(tree, dict):
-            raise CheckpointError(f"{path}: a Flax msgpack checkpoint holds a dict of tensors")
+            raise CheckpointError(f"{where}: a Flax checkpoint holds a dict of tensors")
         self._tensors = {}
         for flax_path, value in _flatten(tree).items():
-            if not isinstance(value, np.ndarray) or not flax_path:
+            if not hasattr(value, "shape") or not flax_path:
                 shown = "/".join(flax_path)
-                raise CheckpointError(f"{path}: {shown!r} is {type(value).__name__}, not a tensor")
+                raise CheckpointError(f"{where}: {shown!r} is {type(value).__name__}, not a tensor")
             name = torch_name(flax_path)
             if name in self._tensors:
-                raise CheckpointError(f"{path}: two tensors map to {name!r}")
-            self._tensors[name] = torch_layout(flax_path, value)
+                raise CheckpointError(f"{where}: two tensors map to {name!r}")
+            self._tensors[name] = torch_layout(flax_path, np.asarray(value))
 
     def keys(self) -> list[str]:
         return list(self._tensors)
+
+    def keys_by_file(self) -> list[list[str]]:
+        return [self.keys()]
 
     def shape(self, key: str) -> tuple[int, ...]:
         return self._tensors[key].shape
@@ -99,6 +96,20 @@ class FlaxMsgpackFile:
 
     def close(self) -> None:
         self._tensors = {}
+
+
+class FlaxMsgpackFile(FlaxTreeTensors):
+    """One flax_model.msgpack file (or shard), decoded whole, offering PyTorch names."""
+
+    def __init__(self, path: Path):
+        from flax import serialization
+
+        self.path = path
+        try:
+            tree = serialization.msgpack_restore(path.read_bytes())
+        except Exception as error:  # msgpack raises many types on damaged input
+            raise CheckpointError(f"{path}: unreadable or corrupt Flax msgpack ({error})") from None
+        super().__init__(tree, str(path))
 
 
 class FlaxSafetensorsFile:
