@@ -91,3 +91,17 @@ def test_the_fixtures_are_what_transformers_4_flax_writes():
             assert any(key.endswith((".kernel", ".embedding")) for key in f.keys())
         assert (FIXTURES / family / "sharded" / "flax_model.msgpack.index.json").is_file()
         assert len(list((FIXTURES / family / "sharded").glob("flax_model-*.msgpack"))) > 1
+
+
+@pytest.mark.parametrize("layout", FORMATS)
+def test_convert_turns_a_flax_checkpoint_into_the_pytorch_twin(tmp_path, layout):
+    from flaxauto.cli import main
+
+    family = "bert"
+    argv = ["convert", str(FIXTURES / family / layout), str(tmp_path / "out"), "--no-progress"]
+    assert main(argv) == 0
+    converted = transformers.BertForMaskedLM.from_pretrained(tmp_path / "out").state_dict()
+    twin = transformers.BertForMaskedLM.from_pretrained(FIXTURES / family / "pytorch").state_dict()
+    assert converted.keys() == twin.keys()
+    for key, value in twin.items():
+        assert torch.equal(converted[key], value), key
