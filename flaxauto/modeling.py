@@ -191,6 +191,8 @@ class Model(nnx.Module):
 
 
 def _precision(dtype, param_dtype, attn_implementation=None) -> layers.Precision:
+    if isinstance(param_dtype, str) and param_dtype == "auto":
+        raise ValueError("param_dtype='auto' keeps a checkpoint's dtypes: use from_pretrained")
     param_dtype = jnp.dtype(param_dtype or jnp.float32)
     return layers.Precision(
         dtype=jnp.dtype(dtype or param_dtype),

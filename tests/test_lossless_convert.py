@@ -199,6 +199,8 @@ def test_param_dtype_auto_keeps_each_tensors_dtype(tmp_path):
     assert saved.keys() == mixed.keys()
     for key, want in mixed.items():
         assert saved[key].dtype == want.dtype and saved[key].tobytes() == want.tobytes(), key
+    with pytest.raises(ValueError, match="param_dtype='auto'.*from_pretrained"):
+        flaxauto.AutoModelForSequenceClassification.from_config(model.config, param_dtype="auto")
     # by bytes the checkpoint is mostly fp32 here: that is the compute dtype auto picks
     assert model.backbone.embeddings.word_embeddings.embedding.get_value().dtype in (
         np.dtype(v.dtype) for k, v in mixed.items() if "word_embeddings" in k
