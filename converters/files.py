@@ -7,9 +7,14 @@ Nothing here knows about models. `resolve_checkpoint` turns a local folder or a 
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import errno
 import json
 import os
 import re
+import shutil
+import sys
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
@@ -24,6 +29,13 @@ import safetensors.numpy
 
 from flaxauto.converters.buffers import ALIGNMENT, aligned_empty, read_into
 from flaxauto.converters.errors import CheckpointError
+from flaxauto.converters.flax_checkpoints import (
+    FLAX_INDEX,
+    FLAX_WEIGHTS,
+    FlaxMsgpackFile,
+    FlaxSafetensorsFile,
+    index_key_name,
+)
 
 SAFE_WEIGHTS = "model.safetensors"
 SAFE_INDEX = "model.safetensors.index.json"
@@ -32,7 +44,8 @@ BIN_INDEX = "pytorch_model.bin.index.json"
 CONFIG = "config.json"
 GENERATION_CONFIG = "generation_config.json"
 
-_WEIGHT_NAMES = (SAFE_WEIGHTS, SAFE_INDEX, BIN_WEIGHTS, BIN_INDEX)  # in order of preference
+# in order of preference; transformers 4 Flax's last (see converters.flax_checkpoints)
+_WEIGHT_NAMES = (SAFE_WEIGHTS, SAFE_INDEX, BIN_WEIGHTS, BIN_INDEX, FLAX_WEIGHTS, FLAX_INDEX)
 _SHARD_NAME = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
 _LOCAL_PREFIXES = ("./", "../", "~", ".\\", "..\\")
 
@@ -41,7 +54,7 @@ _LOCAL_PREFIXES = ("./", "../", "~", ".\\", "..\\")
 class Checkpoint:
     directory: Path
     config_path: Path
-    format: str  # "safetensors" or "bin"
+    format: str  # "safetensors", "bin" or "flax" (msgpack)
     weight_files: tuple[Path, ...]
     weight_map: dict[str, Path] | None = field(hash=False)  # tensor -> shard; None: one file
     generation_config_path: Path | None
@@ -106,10 +119,15 @@ def _locate(
         raise CheckpointError(f"{where}: no weights; looked for {names}{hint}")
     kind, weights = found  # kind: the file's name without the variant
     weight_map = _read_index(weights, fetch) if kind.endswith(".index.json") else None
+    format = "safetensors" if kind.startswith(SAFE_WEIGHTS) else "bin"
+    if kind.startswith(FLAX_WEIGHTS):
+        format = "flax"
+        if weight_map is not None:  # its keys are Flax paths: "bert/pooler/dense/kernel"
+            weight_map = {index_key_name(key): path for key, path in weight_map.items()}
     return Checkpoint(
         directory=config.parent,
         config_path=config,
-        format="safetensors" if kind.startswith(SAFE_WEIGHTS) else "bin",
+        format=format,
         # Shard names carry their number: sorted, they come in the order they were written.
         weight_files=(weights,) if weight_map is None else tuple(sorted({*weight_map.values()})),
         weight_map=weight_map,
@@ -218,6 +236,9 @@ class _SafetensorsFile:
     def keys(self) -> list[str]:
         return list(self._handle.keys())
 
+    def metadata(self) -> dict[str, str]:
+        return self._handle.metadata() or {}
+
     def shape(self, key: str) -> tuple[int, ...]:
         return tuple(self._handle.get_slice(key).get_shape())
 
@@ -280,8 +301,13 @@ def arrange(array: np.ndarray, axes: tuple[int, ...], dtype) -> np.ndarray:
 
 
 def _open_weight_file(path: Path, format: str):
+    if format == "flax":
+        return FlaxMsgpackFile(path)
     if format == "safetensors":
-        return _SafetensorsFile(path)
+        reader = _SafetensorsFile(path)
+        if reader.metadata().get("format") == "flax":  # saved by transformers 4 Flax
+            return FlaxSafetensorsFile(reader)
+        return reader
     from flaxauto.converters.torch_pickle import open_torch_bin  # only .bin checkpoints need it
 
     return open_torch_bin(path)
@@ -413,58 +439,176 @@ def save_safetensors(
     max_shard_size: int | str = "5GB",
     metadata: dict[str, str] | None = None,
     extra_files: Mapping[str, str | bytes] = MappingProxyType({}),
+    replaces: Iterable[str] = (),
 ) -> list[Path]:
     """Write model.safetensors, or shards plus an index once past `max_shard_size`; all or nothing.
 
-    Tensors are streamed, holding at most one shard in memory. Every file is first written under
-    a temporary name in `directory` and renamed into place only when all exist, so a failure part
-    way leaves an earlier checkpoint there untouched.
+    Tensors are streamed, holding at most one shard in memory. The save is crash-consistent: the
+    new checkpoint is built whole in a staging folder beside `directory` (with hard links to the
+    files of `directory` it keeps, such as a tokenizer), flushed to disk (fsync), and exchanged
+    with `directory` in one atomic rename (see commit_directory). Interrupted anywhere (an error,
+    a full disk, a kill), `directory` holds wholly the earlier checkpoint or wholly this one.
+    Weight files of an earlier save, and the files named in `replaces` that this save does not
+    write (a stale generation_config.json), are not carried over.
     """
-    directory, limit = Path(directory), parse_size(max_shard_size)
+    directory, limit = Path(directory).absolute(), parse_size(max_shard_size)
     for name in extra_files:
         if Path(name).name != name or name in {".", ".."} or _is_weight_file(name):
             raise ValueError(f"extra file {name!r}: need a plain file name, not a weight file's")
-    directory.mkdir(parents=True, exist_ok=True)
-    prefix = f".tmp-{uuid.uuid4().hex}-"  # unique, so cleanup finds exactly this save's files
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    if directory.exists() and not directory.is_dir():
+        raise NotADirectoryError(f"{directory}: exists and is not a directory")
     header = {"format": "pt", **(metadata or {})}  # transformers refuses files without a format
+    staging = directory.parent / f".{directory.name}.flaxauto-save-{uuid.uuid4().hex[:12]}"
+    staging.mkdir()
     try:
-        pending = _write_weights(directory, prefix, _checked(tensors), limit, header)
-        for name, content in extra_files.items():
-            pending.append((_write(directory / f"{prefix}{name}", content), name))
-        for temp, name in pending:  # weights first, index and config last
-            os.replace(temp, directory / name)
+        written = _write_weights(staging, _checked(tensors), limit, header)
+        written += [_write(staging / name, content) for name, content in extra_files.items()]
+        names = [path.name for path in written]
+        dropped = {*names, *replaces}
+        if directory.is_dir():
+            _link_kept_files(
+                directory, staging, lambda name: name in dropped or _is_weight_file(name)
+            )
+        _fsync_directory(staging)
+        commit_directory(staging, directory, names, dropped)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)  # after the exchange: the earlier checkpoint
+    return [directory / name for name in names]
+
+
+def _link_kept_files(directory: Path, staging: Path, replaced: Callable[[str], bool]) -> None:
+    """Hard links (copies where the file system has none) in `staging` to every entry of
+    `directory` that the new checkpoint does not replace; folders are rebuilt with links inside."""
+    for entry in directory.iterdir():
+        if replaced(entry.name):
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.copytree(entry, staging / entry.name, symlinks=True, copy_function=_link)
+        else:
+            _link(entry, staging / entry.name)
+
+
+def _link(source, target) -> None:
+    if os.path.islink(source):
+        os.symlink(os.readlink(source), target)
+        return
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copy2(source, target)
+
+
+def _fsync_directory(directory: Path) -> None:
+    """Flush a folder's entries (names) to disk; a file's own data is flushed as it is written."""
+    descriptor = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+_AT_FDCWD, _RENAME_EXCHANGE = -100, 2  # from <fcntl.h> and <linux/fs.h>
+
+
+def exchange_paths(a: Path, b: Path) -> None:
+    """Swap two existing paths in one atomic step (Linux renameat2 with RENAME_EXCHANGE).
+
+    Raises OSError(ENOSYS) where the C library lacks renameat2, and whatever the kernel says
+    (EINVAL) where the file system cannot exchange."""
+    if not sys.platform.startswith("linux"):
+        raise OSError(errno.ENOSYS, "renameat2 is Linux-only", str(a))
+    libc = ctypes.CDLL(None, use_errno=True)
+    function = getattr(libc, "renameat2", None)
+    if function is None:
+        raise OSError(errno.ENOSYS, "the C library has no renameat2", str(a))
+    result = function(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE)
+    if result != 0:
+        code = ctypes.get_errno()
+        raise OSError(code, os.strerror(code), str(a), None, str(b))
+
+
+def commit_directory(staging: Path, directory: Path, names, dropped) -> None:
+    """Make the complete checkpoint in `staging` the content of `directory`.
+
+    A new `directory` is one rename. An existing one is exchanged with `staging` in one atomic
+    step, so a kill at any instant leaves one whole checkpoint; the earlier content ends in
+    `staging`, for the caller to delete. Where that cannot be done (a file system or OS without
+    renameat2's exchange, or `directory` is this process's working directory, whose folder must
+    stay the same), the files are replaced one by one with an undo log: an error at any step
+    (a failing rename, a full disk) restores the earlier checkpoint, but a kill part way can
+    leave a mix there (named in the README)."""
+    if not directory.exists():
+        os.rename(staging, directory)
+        _fsync_directory(directory.parent)
+        return
+    cwd = Path.cwd().resolve()
+    if directory.resolve() not in (cwd, *cwd.parents):
+        try:
+            exchange_paths(staging, directory)
+            _fsync_directory(directory.parent)
+            return
+        except OSError as error:
+            if error.errno not in _NO_EXCHANGE:
+                raise
+    _replace_files_one_by_one(staging, directory, names, dropped)
+
+
+_NO_EXCHANGE = {errno.ENOSYS, errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV}
+
+
+def _replace_files_one_by_one(staging: Path, directory: Path, names, dropped) -> None:
+    """The fallback commit: weights first, then the index and configs, then old files removed;
+    every step undone on an error."""
+    backup = staging / f".earlier-{uuid.uuid4().hex[:8]}"
+    backup.mkdir()
+    undo = []
+    try:
+        for name in names:
+            if (directory / name).exists():
+                os.link(directory / name, backup / name)  # keep the earlier file to restore
+                undo.append((os.replace, backup / name, directory / name))
+            else:
+                undo.append((os.unlink, directory / name))
+            os.replace(staging / name, directory / name)
+        for old in list(directory.iterdir()):
+            if old.name not in names and (old.name in dropped or _is_weight_file(old.name)):
+                os.replace(old, backup / old.name)
+                undo.append((os.replace, backup / old.name, old))
+        _fsync_directory(directory)
     except BaseException:
-        for temp in directory.glob(f"{prefix}*"):
-            temp.unlink(missing_ok=True)
+        for step, *paths in reversed(undo):
+            with contextlib.suppress(OSError):
+                step(*paths)
         raise
-    written = [directory / name for _, name in pending]
-    for old in directory.iterdir():  # weights of an earlier save that this one replaces
-        if _is_weight_file(old.name) and old not in written:
-            old.unlink()
-    return written
 
 
-def _write_weights(directory: Path, prefix: str, items, limit: int, metadata: dict[str, str]):
-    """Write shards under temporary names; return (temporary path, final name) pairs."""
-    temps, shard_of, total_size, total_parameters = [], {}, 0, 0
+def _write_weights(directory: Path, items, limit: int, metadata: dict[str, str]) -> list[Path]:
+    """Write the shards (and index) under their final names in a fresh folder; return them."""
+    paths, shard_of, total_size, total_parameters = [], {}, 0, 0
     # No enumerate(): its cached result tuple would keep the last shard alive while the next fills.
     for shard in _group_into_shards(items, limit):
-        temps.append(directory / f"{prefix}{len(temps) + 1:05d}.safetensors")
-        safetensors.numpy.save_file(shard, temps[-1], metadata=metadata)
-        shard_of.update(dict.fromkeys(shard, len(temps)))
+        paths.append(directory / f".shard-{len(paths) + 1:05d}.safetensors")
+        safetensors.numpy.save_file(shard, paths[-1], metadata=metadata)
+        _fsync_file(paths[-1])
+        shard_of.update(dict.fromkeys(shard, len(paths)))
         total_size += sum(array.nbytes for array in shard.values())
         total_parameters += sum(array.size for array in shard.values())
         del shard  # likewise, or this shard stays alive while the generator gathers the next one
-    if len(temps) == 1:
-        return [(temps[0], SAFE_WEIGHTS)]
-    names = [f"model-{i:05d}-of-{len(temps):05d}.safetensors" for i in range(1, len(temps) + 1)]
+    names = [f"model-{i:05d}-of-{len(paths):05d}.safetensors" for i in range(1, len(paths) + 1)]
+    if len(paths) == 1:
+        names = [SAFE_WEIGHTS]
+    final = [path.with_name(name) for path, name in zip(paths, names, strict=True)]
+    for path, target in zip(paths, final, strict=True):  # the count is known only at the end
+        os.rename(path, target)
+    if len(paths) == 1:
+        return final
     index = {  # what transformers writes, byte for byte
         "metadata": {"total_parameters": total_parameters, "total_size": total_size},
         "weight_map": {key: names[number - 1] for key, number in shard_of.items()},
     }
     text = json.dumps(index, indent=2, sort_keys=True) + "\n"
-    index_temp = _write(directory / f"{prefix}{SAFE_INDEX}", text)
-    return [*zip(temps, names, strict=True), (index_temp, SAFE_INDEX)]
+    return [*final, _write(directory / SAFE_INDEX, text)]
 
 
 def _checked(tensors) -> Iterator[tuple[str, np.ndarray]]:
@@ -491,7 +635,13 @@ def _group_into_shards(items, limit: int) -> Iterator[dict[str, np.ndarray]]:
 
 def _write(path: Path, content: str | bytes) -> Path:
     path.write_bytes(content.encode("utf-8") if isinstance(content, str) else content)
+    _fsync_file(path)
     return path
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb+") as file:
+        os.fsync(file.fileno())
 
 
 def _is_weight_file(name: str) -> bool:

@@ -106,6 +106,12 @@ def plan_load(model, source, ignore_mismatched_sizes: bool = False) -> _Plan:
                 f"{slot.torch_shape}"
             )
             continue
+        if is_floating(slot.dtype) and not is_floating(source.dtype(key)):
+            plan.problems.append(
+                f"wrong kind: {key} is {source.dtype(key)} in the checkpoint, the model's "
+                f"parameter is floating ({slot.dtype}); refused, not cast"
+            )
+            continue
         first = filled_by.get(slot.torch_name)
         if first is None:
             filled_by[slot.torch_name] = key
@@ -159,8 +165,10 @@ def load_weights(
     ignore_mismatched_sizes: bool = False,
     progress: bool | None = None,
     where: str = "checkpoint",
+    keep_dtypes: bool = False,
 ) -> LoadingInfo:
-    """Fill `model`'s parameters from `source` (a converters.files.TensorSource)."""
+    """Fill `model`'s parameters from `source` (a converters.files.TensorSource). Floating
+    tensors are cast to their parameter's dtype, or with keep_dtypes keep the checkpoint's."""
     plan = plan_load(model, source, ignore_mismatched_sizes)
     if plan.problems:
         listing = "\n  ".join(plan.problems)
@@ -177,7 +185,7 @@ def load_weights(
                     _check_tied_copy(source, key, plan.tie_copies[key], where)
                 elif key in plan.assignments:
                     slot = plan.assignments[key]
-                    value = _place(source, key, slot, mesh, rules)
+                    value = _place(source, key, slot, mesh, rules, keep_dtypes)
                     if slot.index is None:
                         slot.variable.set_value(value)
                     else:
@@ -227,8 +235,16 @@ class _Stacks:
             )
 
 
-def _place(source, key: str, slot: Slot, mesh, rules) -> jax.Array:
+def is_floating(dtype) -> bool:
+    """numpy's floating and complex kinds, and ml_dtypes' bfloat16 / float8 (kind "V")."""
+    dtype = np.dtype(dtype)
+    return dtype.kind in "fc" or dtype.name.startswith(("bfloat", "float8"))
+
+
+def _place(source, key: str, slot: Slot, mesh, rules, keep_dtypes: bool = False) -> jax.Array:
     dtype = slot.dtype
+    if keep_dtypes and is_floating(dtype):
+        dtype = source.dtype(key)
     if mesh is None:
         # one copy from the file into a buffer that the CPU device array adopts as it is
         return jax.device_put(arrange(source.read(key), slot.perm, dtype))

@@ -160,7 +160,12 @@ def _zip_errors(path: str, member: str):
         yield
     except CheckpointError:
         raise
-    except (zipfile.BadZipFile, zlib.error, EOFError, OSError, NotImplementedError) as exc:
+    # zipfile also fails with UnicodeDecodeError (a ValueError) on a damaged name, struct.error
+    # and OverflowError on damaged sizes, RuntimeError on a (damaged) encryption flag: fuzzed
+    except (
+        zipfile.BadZipFile, zlib.error, EOFError, OSError, NotImplementedError, ValueError,
+        struct.error, OverflowError, IndexError, RuntimeError,
+    ) as exc:  # fmt: skip
         raise CheckpointError(
             f"{path}: cannot read {member}: the file is corrupt or truncated ({exc})"
         ) from exc

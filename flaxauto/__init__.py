@@ -23,6 +23,7 @@ from flaxauto.auto import (
     AutoModelForVideoClassification,
 )
 from flaxauto.converters.errors import CheckpointError, UnsafeCheckpointError
+from flaxauto.converters.flax_params import flax_params, load_flax_params
 from flaxauto.modeling import Model
 from flaxauto.registry import AUTO_CLASS_TASKS, ConfigAttr, HeadSpec, register, supported
 from flaxauto.sharding import make_mesh, shard_batch, shard_cache, shard_model
@@ -51,6 +52,8 @@ __all__ = [
     "HeadSpec",
     "Model",
     "UnsafeCheckpointError",
+    "flax_params",
+    "load_flax_params",
     "make_mesh",
     "register",
     "shard_batch",

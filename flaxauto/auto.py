@@ -27,8 +27,9 @@ class _AutoClass:
     def from_pretrained(cls, name_or_path, **kwargs):
         """Load a Hugging Face checkpoint (directory or hub id) into a flaxauto model.
 
-        Keywords: dtype (compute), param_dtype (storage), mesh and rules (place each tensor in its
-        shards as it is read), ignore_mismatched_sizes, output_loading_info, progress, seed,
+        Keywords: dtype (compute), param_dtype (storage; "auto" keeps the checkpoint's), mesh and
+        rules (place each tensor in its shards as it is read), ignore_mismatched_sizes,
+        output_loading_info, progress, seed,
         revision / cache_dir / token / local_files_only (hub), subfolder, variant, and config
         overrides such as num_labels, id2label, problem_type. Any other keyword raises.
         """

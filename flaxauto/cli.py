@@ -1,6 +1,6 @@
 """The `flaxauto` command: convert a checkpoint, describe one, or run a sentence-embedding demo.
 
-    flaxauto convert SRC DST [--dtype bfloat16] [--task AutoModelForMaskedLM]
+    flaxauto convert SRC DST [--dtype auto|float32|bfloat16] [--task AutoModelForMaskedLM] [--force]
     flaxauto info SRC
     flaxauto demo [--model PATH]
 
@@ -11,9 +11,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import re
+import shutil
 import sys
 import time
+import uuid
 from collections import Counter
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -23,9 +28,9 @@ from flax import nnx
 
 from flaxauto import AutoModel, layers, modeling, registry
 from flaxauto.converters.errors import CheckpointError
-from flaxauto.converters.files import open_tensors, resolve_checkpoint
+from flaxauto.converters.files import commit_directory, open_tensors, resolve_checkpoint
 from flaxauto.converters.layout import tied_names
-from flaxauto.converters.loader import ignored_pattern
+from flaxauto.converters.loader import ignored_pattern, plan_load
 
 DEMO_SENTENCES = (
     "A man is eating food.",
@@ -73,28 +78,123 @@ def _is_float(dtype: np.dtype) -> bool:
 
 
 def convert(args) -> int:
+    """Read any supported checkpoint, write it as transformers' safetensors with the tokenizer
+    and processor files beside it. Every tensor is accounted for (none dropped, none made up),
+    and the destination appears whole or not at all."""
     started = time.perf_counter()
+    destination = Path(args.dst).absolute()
+    if _non_empty(destination) and not args.force:
+        raise CheckpointError(f"{destination}: not empty; pass --force to replace its contents")
     checkpoint = resolve_checkpoint(args.src)
     config = _read_config(checkpoint)
-    task = args.task or _task_of_architecture(config) or "base"
-    model = modeling.from_pretrained(
+    task = args.task or _task_of_architecture(config) or _task_of_tensors(checkpoint, config)
+    model, info = modeling.from_pretrained(
         checkpoint.directory,
         task,
         param_dtype=args.dtype,
         progress=False if args.no_progress else None,  # None: a bar when stderr is a terminal
+        output_loading_info=True,
     )
-    written = model.save_pretrained(args.dst, max_shard_size=args.max_shard_size)
+    dropped_tensors = _refuse_lossy(info, task, chosen=args.task is not None)
+    staging = destination.parent / f".{destination.name}.flaxauto-convert-{uuid.uuid4().hex[:12]}"
+    try:
+        written = model.save_pretrained(staging, max_shard_size=args.max_shard_size)
+        copied = _copy_side_files(checkpoint.directory, staging)
+        dropped = set(os.listdir(destination)) if destination.is_dir() else set()
+        commit_directory(staging, destination, sorted(os.listdir(staging)), dropped)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)  # after an exchange: the earlier contents
     # Count tensors from what was written, not from the model: a cheap check of the output.
-    with open_tensors(resolve_checkpoint(args.dst)) as output:
+    with open_tensors(resolve_checkpoint(destination)) as output:
         tensors = len(output.keys())
     architecture = registry.transformers_class_name(config["model_type"], task) or task
     shards = sum(path.suffix == ".safetensors" for path in written)
+    dtypes = sorted({str(np.dtype(x.dtype)) for x in jax.tree.leaves(nnx.state(model, nnx.Param))})
     print(
         f"converted {args.src} -> {args.dst}: {architecture} ({config['model_type']}, {task}), "
-        f"{tensors} tensors, {model.num_parameters():,} parameters in {args.dtype}, "
-        f"{shards} file(s), {time.perf_counter() - started:.1f}s"
+        f"{tensors} tensors, {model.num_parameters():,} parameters in {', '.join(dtypes)}, "
+        f"{shards} file(s), {len(copied)} tokenizer/processor file(s) copied, "
+        f"{time.perf_counter() - started:.1f}s"
     )
+    if dropped_tensors:
+        print(f"dropped, as --task {task} asked: {', '.join(dropped_tensors)}", file=sys.stderr)
     return 0
+
+
+def _non_empty(path: Path) -> bool:
+    return path.exists() and (not path.is_dir() or any(path.iterdir()))
+
+
+def _task_of_tensors(checkpoint, config: dict) -> str:
+    """config.json names no architecture flaxauto knows: the task whose model takes every tensor
+    of the checkpoint and lacks none (its base prefix and head names), if exactly one does."""
+    model_type = config["model_type"]
+    tasks = registry.supported().get(model_type, ())
+    if not tasks:
+        registry.lookup(model_type, "base")  # raises, naming the unsupported model_type
+    hf_config = transformers.AutoConfig.from_pretrained(checkpoint.directory)
+    fits = []
+    with open_tensors(checkpoint) as source:
+        for task in tasks:
+            try:
+                model = modeling.build_abstract(hf_config, task, layers.Precision())
+            except NotImplementedError:
+                continue
+            plan = plan_load(model, source)
+            if not (plan.problems or plan.info.missing_keys or plan.info.unexpected_keys):
+                fits.append(task)
+    if len(fits) == 1:
+        return fits[0]
+    why = (
+        f"the tensors fit {' and '.join(fits)} alike"
+        if fits
+        else "no task's model takes exactly its tensors"
+    )
+    architectures = ", ".join(config.get("architectures") or []) or "none"
+    raise CheckpointError(
+        f"{checkpoint.directory}: cannot tell the task (config.json architectures: "
+        f"{architectures}; {why}): pass --task, one of {', '.join(tasks) or 'none'}"
+    )
+
+
+def _refuse_lossy(info: dict, task: str, chosen: bool) -> list[str]:
+    """A convert adds no newly initialised tensor, and drops none unless --task chose a model
+    without them (then they are named). Returns the dropped tensors."""
+    problems = []
+    if info["unexpected_keys"] and not chosen:
+        problems.append(f"would drop {', '.join(info['unexpected_keys'])}")
+    if info["missing_keys"]:
+        problems.append(f"would make up (random) {', '.join(info['missing_keys'])}")
+    if info["mismatched_keys"]:
+        problems.append(f"would re-initialise {info['mismatched_keys']}")
+    if problems:
+        raise CheckpointError(
+            f"converting as {task} " + "; ".join(problems) + ": pass the --task that fits"
+        )
+    return list(info["unexpected_keys"])
+
+
+#: Weight files of any framework: never copied beside the converted weights.
+_WEIGHT_FILE = re.compile(
+    r"(pytorch_model|model|flax_model|tf_model)([.-].*)?\.(bin|safetensors|msgpack|h5)"
+    r"(\.index(\..*)?\.json)?|.*\.index(\..*)?\.json"
+)
+_WRITTEN = {"config.json", "generation_config.json"}
+
+
+def _copy_side_files(source: Path, target: Path) -> list[str]:
+    """The tokenizer, processor and other files beside the weights (not the weights, not what
+    the save wrote)."""
+    copied = []
+    for path in sorted(source.iterdir()):
+        name = path.name
+        if not path.is_file() or name.startswith(".") or _WEIGHT_FILE.fullmatch(name):
+            continue
+        if name in _WRITTEN and (target / name).exists():
+            continue
+        shutil.copyfile(path, target / name)
+        copied.append(name)
+    return copied
 
 
 def _tied_copies(checkpoint, config: dict) -> set[str]:
@@ -216,10 +316,16 @@ def _parser() -> argparse.ArgumentParser:
     command = commands.add_parser("convert", help="convert to Hugging Face safetensors")
     command.add_argument("src", help=source_help)
     command.add_argument("dst", help="output directory")
-    command.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    command.add_argument(
+        "--dtype",
+        choices=("auto", "float32", "bfloat16"),
+        default="auto",
+        help="storage dtype (default auto: each tensor keeps the checkpoint's, a lossless copy)",
+    )
     command.add_argument("--task", type=_task, help="task or Auto class (default: architectures)")
     command.add_argument("--max-shard-size", default="5GB")
     command.add_argument("--no-progress", action="store_true", help="no progress bar")
+    command.add_argument("--force", action="store_true", help="replace a non-empty DST")
     command.set_defaults(run=convert)
     command = commands.add_parser("info", help="describe a checkpoint")
     command.add_argument("src", help=source_help)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import difflib
 import functools
 import inspect
+import logging
 import numbers
 from dataclasses import dataclass
 from typing import Any
@@ -33,7 +34,6 @@ NOT_IMPLEMENTED = {
     "head_mask": "masking attention heads is not implemented",
     "decoder_head_mask": "masking attention heads is not implemented",
     "cross_attn_head_mask": "masking attention heads is not implemented",
-    "past_key_values": "flaxauto's KV cache is `cache=`: cache=model.init_cache(batch, max_length)",
     "cache_position": "new tokens go to slot cache.length; pass position_ids for their positions",
     "logits_to_keep": "slice the returned logits instead",
     "num_logits_to_keep": "slice the returned logits instead",
@@ -49,6 +49,27 @@ OLD_FLAX_KEYWORDS = {
     "seed=)",
     "params": "a model carries its parameters; for a pure function use nnx.split / nnx.merge",
 }
+
+
+def alias_past_key_values(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """`past_key_values=` is transformers' name for `cache=`: a flaxauto cache (or None) passes as
+    cache; transformers' tuples and Cache objects are refused, naming the flaxauto way."""
+    if "past_key_values" not in kwargs:
+        return kwargs
+    kwargs = dict(kwargs)
+    value = kwargs.pop("past_key_values")
+    if "cache" in kwargs:
+        raise TypeError("got both past_key_values= and cache= (the same thing): pass one")
+    is_cache = hasattr(value, "map_arrays") and hasattr(value, "reorder")  # flaxauto.decoder's
+    if value is not None and not is_cache:
+        raise NotImplementedError(
+            f"past_key_values={type(value).__name__} is not implemented: it takes flaxauto's "
+            "cache, cache=model.init_cache(batch, max_length) (an alias of cache=), not "
+            "transformers' tuples or Cache objects"
+        )
+    if value is not None:
+        kwargs["cache"] = value
+    return kwargs
 
 
 @dataclass(frozen=True)
@@ -223,7 +244,15 @@ LOADING_KEYWORDS: dict[str, tuple[tuple, str]] = {
     "quantization_config": ((None,), "quantized checkpoints are not implemented"),
     "gguf_file": ((None,), "GGUF files are not implemented"),
     "from_tf": ((None, False), "TensorFlow checkpoints are not implemented"),
-    "from_flax": ((None, False), "Flax msgpack checkpoints are not implemented"),
+    "from_flax": ((None, True, False), ""),  # flax_model.msgpack is read when it is there
+    "_do_init": (
+        (None, True),
+        "flaxauto builds the model abstractly and initialises only what the checkpoint lacks; "
+        "for parameters without a module use graphdef, state = nnx.split(model)",
+    ),
+    "params": ((None,), "load the checkpoint: the model carries its parameters (nnx.state)"),
+    "dropout_rng": ((None,), "seed dropout with from_pretrained(..., seed=) and model.train()"),
+    "train": ((None, False), "call model.train() (dropout on) after loading"),
     "state_dict": ((None,), "save the tensors with save_pretrained and load that folder"),
     "use_safetensors": ((None,), "flaxauto reads model.safetensors, else pytorch_model.bin"),
     "key_mapping": ((None,), "register the family with renames="),
@@ -240,6 +269,9 @@ def refuse_loading_keywords(kwargs: dict[str, Any]) -> dict[str, Any]:
     NotImplementedError naming any other. Returns the rest (config overrides, to be checked)."""
     rest = {}
     for name, value in kwargs.items():
+        if name == "from_pt":  # transformers 4 Flax's switch to read PyTorch weights
+            _note_from_pt(value)
+            continue
         if name not in LOADING_KEYWORDS:
             rest[name] = value
             continue
@@ -247,6 +279,21 @@ def refuse_loading_keywords(kwargs: dict[str, Any]) -> dict[str, Any]:
         if not any(value is a or (isinstance(a, str) and value == a) for a in accepted):
             raise NotImplementedError(f"{name}={value!r} is not implemented: {instead}")
     return rest
+
+
+@functools.cache
+def _note_from_pt_once() -> None:
+    logging.getLogger("flaxauto").warning(
+        "from_pt=True is the default in flaxauto and can be dropped: PyTorch checkpoints "
+        "(safetensors, pytorch_model.bin) and Flax ones (flax_model.msgpack) load without torch"
+    )
+
+
+def _note_from_pt(value) -> None:
+    if value is not True and value is not False:
+        raise TypeError(f"from_pt={value!r}: expected True or False (and it can be dropped)")
+    if value:
+        _note_from_pt_once()
 
 
 def refuse_unused_config_keywords(unused: dict[str, Any], config) -> None:

@@ -7,6 +7,7 @@ the checkpoint lacks (a new head, a pooler) is initialised, by transformers' rul
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
@@ -20,9 +21,14 @@ from flax import nnx
 
 from flaxauto import config_checks, decoding, inputs, layers, registry
 from flaxauto.converters.errors import CheckpointError
-from flaxauto.converters.files import open_tensors, resolve_checkpoint, save_safetensors
+from flaxauto.converters.files import (
+    GENERATION_CONFIG,
+    open_tensors,
+    resolve_checkpoint,
+    save_safetensors,
+)
 from flaxauto.converters.layout import export_tensors, initial_value, parameter_slots
-from flaxauto.converters.loader import LoadingInfo, load_weights
+from flaxauto.converters.loader import LoadingInfo, is_floating, load_weights
 
 logger = logging.getLogger("flaxauto")
 
@@ -88,6 +94,7 @@ class Model(nnx.Module):
             if main in kwargs:
                 raise TypeError(f"got {main} both by position and by name")
             kwargs[main] = args[0]
+        kwargs = inputs.alias_past_key_values(kwargs)  # transformers' name for cache=
         call = inputs.sort_inputs(kwargs, self.backbone, self.head, self.config)
         if self.head is None:
             return self.backbone(**call.data, **call.flags)
@@ -170,9 +177,10 @@ class Model(nnx.Module):
 
     def save_pretrained(self, save_directory, *, max_shard_size: int | str = "5GB") -> list[Path]:
         """Write config.json and model.safetensors (sharded past max_shard_size) in transformers'
-        names and layouts. Files are written under temporary names and renamed at the end, so an
-        interrupted save leaves an earlier checkpoint in the directory intact."""
-        config = self.config
+        names and layouts, crash-consistently: interrupted anywhere, the directory loads as
+        wholly the earlier checkpoint or wholly this one (see converters.files.save_safetensors).
+        Other files there (a tokenizer) are kept. The model's own config is not changed."""
+        config = copy.deepcopy(self.config)
         architecture = registry.transformers_class_name(
             config.model_type, self.task, config.architectures
         )
@@ -186,16 +194,19 @@ class Model(nnx.Module):
             max_shard_size=max_shard_size,
             metadata={"format": "pt"},
             extra_files=self._config_files(config),
+            replaces=(GENERATION_CONFIG,),  # an earlier model's, stale beside this one
         )
 
     def _config_files(self, config) -> dict[str, str]:
         files = {"config.json": config.to_json_string(use_diff=True)}
         if self.can_generate():  # transformers saves one beside every generative model
-            files["generation_config.json"] = self.generation_config.to_json_string(use_diff=True)
+            files[GENERATION_CONFIG] = self.generation_config.to_json_string(use_diff=True)
         return files
 
 
 def _precision(dtype, param_dtype, attn_implementation=None) -> layers.Precision:
+    if isinstance(param_dtype, str) and param_dtype == "auto":
+        raise ValueError("param_dtype='auto' keeps a checkpoint's dtypes: use from_pretrained")
     param_dtype = jnp.dtype(param_dtype or jnp.float32)
     return layers.Precision(
         dtype=jnp.dtype(dtype or param_dtype),
@@ -347,6 +358,9 @@ def from_pretrained(
         checkpoint.directory, return_unused_kwargs=True, **config_overrides
     )
     inputs.refuse_unused_config_keywords(unused, config)
+    keep_dtypes = isinstance(param_dtype, str) and param_dtype == "auto"
+    if keep_dtypes:
+        param_dtype = _checkpoint_float_dtype(checkpoint)
     precision = _precision(dtype, param_dtype, attn_implementation)
     model = build_abstract(config, task, precision, scan_layers=scan_layers, remat=remat)
     if mesh is not None:
@@ -362,6 +376,7 @@ def from_pretrained(
             ignore_mismatched_sizes=ignore_mismatched_sizes,
             progress=progress,
             where=str(checkpoint.directory),
+            keep_dtypes=keep_dtypes,
         )
     initialize_abstract(model, seed, mesh, rules)
     model.static.placement = (mesh, rules)  # where init_cache puts a cache by default
@@ -375,6 +390,19 @@ def from_pretrained(
             path.parent, config_file_name=path.name
         )
     return (model, info.as_dict()) if output_loading_info else model
+
+
+def _checkpoint_float_dtype(checkpoint) -> np.dtype:
+    """param_dtype="auto": the floating dtype most of the checkpoint's bytes have (float32 if it
+    has none): the storage of what the checkpoint lacks, and the compute dtype unless given.
+    Reads headers only (safetensors, .bin)."""
+    sizes: dict[np.dtype, int] = {}
+    with open_tensors(checkpoint) as source:
+        for key in source.keys():
+            kind = source.dtype(key)
+            if is_floating(kind):
+                sizes[kind] = sizes.get(kind, 0) + math.prod(source.shape(key)) * kind.itemsize
+    return max(sizes, key=sizes.get) if sizes else np.dtype(np.float32)
 
 
 def _report(model: Model, info: LoadingInfo) -> None:

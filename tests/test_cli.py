@@ -129,11 +129,18 @@ def test_sharded_output_and_input(original, safetensors_dir, tmp_path, capsys):
     _assert_bit_exact(_load_masked_lm(single).state_dict(), original.state_dict())
 
 
-def test_task_option_converts_to_the_base_model(original, safetensors_dir, tmp_path, capsys):
-    code, out, err = _run(capsys, "convert", safetensors_dir, tmp_path, "--task", "AutoModel")
+def test_task_option_converts_to_the_base_model(tmp_path, capsys):
+    torch.manual_seed(2)
+    original = _randomized(
+        transformers.BertForSequenceClassification(transformers.BertConfig(**TINY))
+    )
+    original.save_pretrained(tmp_path / "src")
+    code, out, err = _run(
+        capsys, "convert", tmp_path / "src", tmp_path / "dst", "--task", "AutoModel"
+    )
     assert code == 0, err
-    assert "BertModel" in out
-    base = transformers.BertModel.from_pretrained(tmp_path, add_pooling_layer=False)
+    assert "BertModel" in out and "dropped, as --task base asked: classifier" in err
+    base = transformers.BertModel.from_pretrained(tmp_path / "dst")
     _assert_bit_exact(base.state_dict(), original.bert.state_dict())
 
 

@@ -44,7 +44,7 @@ from flaxauto.generation.settings import (
 
 def generate(model, input_ids, attention_mask=None, *, generation_config=None, key=None, **kwargs):
     """Prompt [B, P] -> token ids [B * num_return_sequences, P + new] (prompt included), as
-    transformers' generate; with return_dict_in_generate=True a GenerateOutput (`.sequences`,
+    transformers' generate, as a numpy array (tokenizers decode it directly); with return_dict_in_generate=True a GenerateOutput (`.sequences`,
     `.scores` and, for beam search, `.sequences_scores` with output_scores=True, `.logits`
     with output_logits=True; beam search adds `.beam_indices`).
 
@@ -87,6 +87,9 @@ def generate(model, input_ids, attention_mask=None, *, generation_config=None, k
         steps = int(steps)
         sequences = tokens[:, prompt.padding : prompt.ids.shape[1] + steps]
         sequences_scores = beam_indices = None
+    # numpy on the host: transformers 5's tokenizers decode numpy arrays but not jax arrays
+    # (tokenizer.batch_decode(model.generate(...)) must work), and the ids are small
+    sequences = np.asarray(sequences)
     if not config.return_dict_in_generate:
         return sequences
     return GenerateOutput(

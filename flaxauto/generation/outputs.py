@@ -6,13 +6,17 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
+from flaxauto.outputs import _Output
+
 Array = jax.Array
 
 
 @struct.dataclass
-class GenerateOutput:
+class GenerateOutput(_Output):
     """transformers' GenerateDecoderOnlyOutput / GenerateBeamDecoderOnlyOutput fields that
-    flaxauto fills (the others stay None)."""
+    flaxauto fills (the others stay None); `out[0]` / `out.sequences` are the ids (numpy)."""
+
+    _tuple_order = ("sequences", "sequences_scores", "scores", "logits", "beam_indices")
 
     # [B * num_return_sequences, prompt + generated], the prompt included
     sequences: Array = None
@@ -30,9 +34,6 @@ class GenerateOutput:
     # from [B * num_return_sequences, generated], -1 after a hypothesis' end (for
     # transformers' compute_transition_scores)
     beam_indices: Array | None = None
-
-    def __getitem__(self, name: str):
-        return getattr(self, name)
 
 
 def new_record(output_scores: bool, output_logits: bool, steps: int, rows: int, vocab: int):
