@@ -24,6 +24,7 @@ from flaxauto.auto import (
 )
 from flaxauto.converters.errors import CheckpointError, UnsafeCheckpointError
 from flaxauto.modeling import Model
+from flaxauto.pipelines import pipeline
 from flaxauto.registry import AUTO_CLASS_TASKS, ConfigAttr, HeadSpec, register, supported
 from flaxauto.sharding import make_mesh, shard_batch, shard_cache, shard_model
 
@@ -52,6 +53,7 @@ __all__ = [
     "Model",
     "UnsafeCheckpointError",
     "make_mesh",
+    "pipeline",
     "register",
     "shard_batch",
     "shard_cache",

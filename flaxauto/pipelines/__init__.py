@@ -1,0 +1,87 @@
+"""Pipelines: task in, answer out, with transformers' task names, call signatures and answers.
+
+    classify = flaxauto.pipeline("text-classification", model="path/or/hub-id", batch_size=32)
+    classify(["a text", "another"])   # [{"label": ..., "score": ...}, ...]
+
+Inputs are prepared by transformers' own tokenizers (no torch); the model runs compiled, over
+inputs padded to a few bucketed shapes (see flaxauto.pipelines.base).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from flaxauto import auto, registry
+from flaxauto.pipelines.base import Pipeline
+from flaxauto.pipelines.text import (
+    FeatureExtractionPipeline,
+    FillMaskPipeline,
+    TextClassificationPipeline,
+    TokenClassificationPipeline,
+)
+
+#: transformers' task names -> the pipeline serving them
+PIPELINES: dict[str, type[Pipeline]] = {
+    "feature-extraction": FeatureExtractionPipeline,
+    "text-classification": TextClassificationPipeline,
+    "token-classification": TokenClassificationPipeline,
+    "fill-mask": FillMaskPipeline,
+}
+
+#: transformers' aliases
+TASK_ALIASES = {"sentiment-analysis": "text-classification", "ner": "token-classification"}
+
+
+def pipeline(task: str, model=None, *, tokenizer=None, batch_size: int = 1, progress=False,
+             model_kwargs: dict | None = None, **options) -> Pipeline:  # fmt: skip
+    """The pipeline for `task` (a transformers task name or alias) over `model`: a checkpoint
+    directory or hub id (loaded with the task's Auto class and `model_kwargs`), or a flaxauto
+    model (then pass its `tokenizer`). `options` are the task's call parameters, used as
+    defaults for every call (e.g. top_k=3)."""
+    pipeline_class = PIPELINES[_task_name(task)]
+    if model is None:
+        raise ValueError(f"pipeline({task!r}) needs model=: a checkpoint directory or hub id")
+    if isinstance(model, (str, Path)):
+        _check_family(model, pipeline_class.task, task)
+        name = str(model)
+        model = _load(name, pipeline_class.task, model_kwargs or {})
+        tokenizer = name if tokenizer is None else tokenizer
+    if tokenizer is None:
+        raise ValueError("pass tokenizer= with a model object (a path, hub id or tokenizer)")
+    if isinstance(tokenizer, (str, Path)):
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(str(tokenizer))
+    return pipeline_class(model, tokenizer, batch_size=batch_size, progress=progress, **options)
+
+
+def _task_name(task: str) -> str:
+    name = TASK_ALIASES.get(task, task)
+    if name not in PIPELINES:
+        known = sorted([*PIPELINES, *TASK_ALIASES])
+        raise KeyError(f"Unknown task {task!r}; the pipelines are: {', '.join(known)}")
+    return name
+
+
+def _load(name: str, task: str, model_kwargs: dict):
+    auto_class = getattr(auto, registry.TASK_AUTO_CLASSES[task])
+    return auto_class.from_pretrained(name, **model_kwargs)
+
+
+def _check_family(model, task: str, asked: str) -> None:
+    """A local checkpoint whose model_type has no family for the task is refused before
+    loading, naming the model types that have one."""
+    config_path = Path(model) / "config.json"
+    if not config_path.is_file():
+        return  # a hub id: from_pretrained resolves it and refuses what is unsupported
+    model_type = json.loads(config_path.read_text()).get("model_type")
+    serving = sorted(t for t, tasks in registry.supported().items() if task in tasks)
+    if model_type not in serving:
+        raise ValueError(
+            f"flaxauto has no {model_type!r} model for {asked!r}; "
+            f"the model types that have one: {', '.join(serving)}"
+        )
+
+
+__all__ = ["PIPELINES", "TASK_ALIASES", "Pipeline", "pipeline"]
