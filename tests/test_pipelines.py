@@ -4,6 +4,7 @@ few programs; bad input gets a clear error."""
 
 from __future__ import annotations
 
+import jax
 import numpy as np
 import pytest
 import torch
@@ -174,3 +175,62 @@ def test_bad_options_are_refused_at_construction(classifier):
         flaxauto.pipeline("text-classification", model=classifier[0], batch_size=0)
     with pytest.raises(TypeError, match="unexpected"):
         flaxauto.pipeline("text-classification", model=classifier[0], top_p=3)
+
+
+@pytest.fixture(scope="module")
+def generator(tmp_path_factory, tokenizer):
+    special = {"eos_token_id": tokenizer.sep_token_id, "bos_token_id": tokenizer.cls_token_id}
+    root = tmp_path_factory.mktemp("gpt2")
+    path, model = _checkpoint(root, tokenizer, "gpt2", "causal-lm", pad_token_id=0, **special)
+    return path, transformers.pipeline("text-generation", model=model, tokenizer=tokenizer)
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        {"max_new_tokens": 6},
+        {"max_new_tokens": 5, "return_full_text": False},
+        {"max_new_tokens": 4, "num_beams": 3, "num_return_sequences": 2},
+        {"max_length": 30, "return_tensors": True},
+        {"max_new_tokens": 4, "prefix": "Once upon a time, "},
+    ],
+    ids=["greedy", "new-text", "beams", "tensors", "prefix"],
+)
+def test_text_generation_matches_transformers(generator, params):
+    path, theirs = generator
+    ours = flaxauto.pipeline("text-generation", model=path, batch_size=2)
+    prompts = SENTENCES[:3]
+    params = {"do_sample": False, **params}
+    assert_same_answers(ours(prompts, **params), theirs(prompts, **params))
+    assert_same_answers(ours(prompts[0], **params), theirs(prompts[0], **params))
+
+
+def test_text_generation_samples_reproducibly_with_a_key(generator):
+    ours = flaxauto.pipeline("text-generation", model=generator[0])
+    key = jax.random.key(3)
+    first = ours(SENTENCES[1], max_new_tokens=6, do_sample=True, key=key)
+    assert first == ours(SENTENCES[1], max_new_tokens=6, do_sample=True, key=key)
+
+
+@pytest.fixture(scope="module")
+def nli(tmp_path_factory, tokenizer):
+    names = ["contradiction", "neutral", "entailment"]
+    labels = {"id2label": dict(enumerate(names)), "label2id": {n: i for i, n in enumerate(names)}}
+    root = tmp_path_factory.mktemp("nli")
+    path, model = _checkpoint(root, tokenizer, "bert", "sequence-classification", **labels)
+    return path, transformers.pipeline("zero-shot-classification", model=model, tokenizer=tokenizer)
+
+
+@pytest.mark.parametrize("multi_label", [False, True])
+def test_zero_shot_classification_matches_transformers(nli, multi_label):
+    path, theirs = nli
+    ours = flaxauto.pipeline("zero-shot-classification", model=path, batch_size=4)
+    labels = ["travel", "cooking", "politics"]
+    got = ours(SENTENCES[1:3], candidate_labels=labels, multi_label=multi_label)
+    assert_same_answers(
+        got, theirs(SENTENCES[1:3], candidate_labels=labels, multi_label=multi_label)
+    )
+    one = ours(SENTENCES[2], "sports, dance", hypothesis_template="It is about {}.")
+    assert_same_answers(
+        one, theirs(SENTENCES[2], "sports, dance", hypothesis_template="It is about {}.")
+    )

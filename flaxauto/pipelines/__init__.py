@@ -14,11 +14,13 @@ from pathlib import Path
 
 from flaxauto import auto, registry
 from flaxauto.pipelines.base import Pipeline
+from flaxauto.pipelines.generation import TextGenerationPipeline
 from flaxauto.pipelines.text import (
     FeatureExtractionPipeline,
     FillMaskPipeline,
     TextClassificationPipeline,
     TokenClassificationPipeline,
+    ZeroShotClassificationPipeline,
 )
 
 #: transformers' task names -> the pipeline serving them
@@ -27,6 +29,8 @@ PIPELINES: dict[str, type[Pipeline]] = {
     "text-classification": TextClassificationPipeline,
     "token-classification": TokenClassificationPipeline,
     "fill-mask": FillMaskPipeline,
+    "text-generation": TextGenerationPipeline,
+    "zero-shot-classification": ZeroShotClassificationPipeline,
 }
 
 #: transformers' aliases

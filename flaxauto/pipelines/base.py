@@ -106,7 +106,7 @@ class Pipeline:
         items = iter(self._progress_bar(items))
         while chunk := list(itertools.islice(items, self.batch_size)):
             examples = [self.preprocess(item, **params) for item in chunk]
-            outputs = iter(self.run_model([e for per_item in examples for e in per_item]))
+            outputs = iter(self.run_model([e for per_item in examples for e in per_item], **params))
             for item, per_item in zip(chunk, examples, strict=True):
                 yield self.postprocess(item, [next(outputs) for _ in per_item], **params)
 
@@ -136,8 +136,9 @@ class Pipeline:
         """The longest sequence the model takes (its position table), if it has one."""
         return getattr(self.config, "max_position_embeddings", None)
 
-    def run_model(self, examples: list[dict]) -> list[dict]:
-        """The kept outputs of each example, computed `batch_size` examples at a time."""
+    def run_model(self, examples: list[dict], **params) -> list[dict]:
+        """The kept outputs of each example, computed `batch_size` examples at a time (a
+        pipeline that runs the model otherwise, e.g. generate, reads its parameters)."""
         results = []
         for start in range(0, len(examples), self.batch_size):
             results += self._run_batch(examples[start : start + self.batch_size])

@@ -405,3 +405,69 @@ def _resolve_overlaps(entities: list[dict]) -> list[dict]:
             current = entity
     kept.append(current)
     return kept
+
+
+class ZeroShotClassificationPipeline(TextPipeline):
+    """zero-shot-classification over an NLI sequence classifier: each candidate label becomes
+    the hypothesis "This example is {label}." against the text; answers
+    {"sequence", "labels", "scores"} ranked, scores over the candidates (softmax of entailment)
+    or, with multi_label=True, each label's entailment against contradiction."""
+
+    task = "sequence-classification"
+
+    def check_params(
+        self, candidate_labels=None, hypothesis_template="This example is {}.", multi_label=False
+    ):
+        if isinstance(candidate_labels, str):
+            candidate_labels = [label.strip() for label in candidate_labels.split(",")]
+            candidate_labels = [label for label in candidate_labels if label]
+        return {
+            "candidate_labels": candidate_labels,
+            "hypothesis_template": hypothesis_template,
+            "multi_label": multi_label,
+        }
+
+    def __call__(self, inputs, *args, **params):
+        if args:  # transformers takes the candidate labels second, by position
+            if len(args) > 1 or "candidate_labels" in params:
+                raise ValueError(f"Unable to understand extra arguments {args}")
+            params["candidate_labels"] = args[0]
+        return super().__call__(inputs, **params)
+
+    def entailment_id(self) -> int:
+        for label, index in self.config.label2id.items():
+            if label.lower().startswith("entail"):
+                return index
+        return -1
+
+    def preprocess(self, item, candidate_labels, hypothesis_template, **params):
+        if not candidate_labels or not item:
+            raise ValueError("You must include at least one label and at least one sequence.")
+        if hypothesis_template.format(candidate_labels[0]) == hypothesis_template:
+            raise ValueError(
+                f"hypothesis_template {hypothesis_template!r} has no {{}} for the label to go in"
+            )
+        return [
+            self.model_inputs(
+                self.tokenize(
+                    {"text": item, "text_pair": hypothesis_template.format(label)},
+                    truncation="only_first",
+                )
+            )
+            for label in candidate_labels
+        ]
+
+    def postprocess(self, item, outputs, candidate_labels, multi_label, **params):
+        logits = np.stack([np.asarray(o["logits"], np.float32) for o in outputs])  # [n, classes]
+        entail = self.entailment_id()
+        if multi_label or len(candidate_labels) == 1:
+            contradiction = -1 if entail == 0 else 0
+            scores = softmax(logits[:, [contradiction, entail]])[:, 1]
+        else:
+            scores = softmax(logits[:, entail])
+        ranked = list(reversed(scores.argsort()))
+        return {
+            "sequence": item,
+            "labels": [candidate_labels[i] for i in ranked],
+            "scores": scores[ranked].tolist(),
+        }
