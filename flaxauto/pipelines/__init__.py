@@ -15,6 +15,7 @@ from pathlib import Path
 from flaxauto import auto, registry
 from flaxauto.pipelines.base import Pipeline
 from flaxauto.pipelines.generation import TextGenerationPipeline
+from flaxauto.pipelines.question_answering import QuestionAnsweringPipeline
 from flaxauto.pipelines.text import (
     FeatureExtractionPipeline,
     FillMaskPipeline,
@@ -29,6 +30,7 @@ PIPELINES: dict[str, type[Pipeline]] = {
     "text-classification": TextClassificationPipeline,
     "token-classification": TokenClassificationPipeline,
     "fill-mask": FillMaskPipeline,
+    "question-answering": QuestionAnsweringPipeline,
     "text-generation": TextGenerationPipeline,
     "zero-shot-classification": ZeroShotClassificationPipeline,
 }
