@@ -4,6 +4,9 @@ few programs; bad input gets a clear error."""
 
 from __future__ import annotations
 
+import io
+import json
+
 import jax
 import numpy as np
 import pytest
@@ -11,6 +14,7 @@ import torch
 import transformers
 
 import flaxauto
+from flaxauto.cli import main
 from flaxauto.pipelines import base
 from references import max_diff, torch_model
 
@@ -234,3 +238,16 @@ def test_zero_shot_classification_matches_transformers(nli, multi_label):
     assert_same_answers(
         one, theirs(SENTENCES[2], "sports, dance", hypothesis_template="It is about {}.")
     )
+
+
+def test_the_run_command_reads_stdin_lines(classifier, monkeypatch, capsys):
+    monkeypatch.setattr("sys.stdin", io.StringIO("\n".join(SENTENCES) + "\n"))
+    assert main(["run", "text-classification", classifier[0], "--param", "top_k=2"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    expected = flaxauto.pipeline("text-classification", model=classifier[0])(SENTENCES, top_k=2)
+    assert_same_answers([json.loads(line) for line in lines], expected)
+
+
+def test_the_run_command_names_an_unknown_task(capsys):
+    assert main(["run", "text-to-everything", str(MINILM), "hello"]) == 1
+    assert "Unknown task" in capsys.readouterr().err

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 import flaxauto
+from flaxauto.cli import main
 
 QA_DIR = Path(__file__).parent / "fixtures" / "qa-tiny"
 RECORD = json.loads((QA_DIR / "answers.json").read_text())
@@ -57,3 +58,11 @@ def test_question_answering_refuses_bad_input(qa):
         qa(question=["a?", "b?"], context=["only one"])
     with pytest.raises(ValueError, match="doc_stride"):
         qa(question="a?", context="b", max_seq_len=16, doc_stride=32)
+
+
+def test_the_run_command_answers_json_lines(capsys):
+    case = RECORD["cases"][1]
+    assert main(["run", "question-answering", str(QA_DIR), json.dumps(case["inputs"]),
+                 "--param", "top_k=3"]) == 0  # fmt: skip
+    (line,) = capsys.readouterr().out.splitlines()
+    assert_same_answers(json.loads(line), case["answers"])
