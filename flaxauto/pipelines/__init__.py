@@ -15,6 +15,7 @@ from pathlib import Path
 from flaxauto import auto, registry
 from flaxauto.pipelines.base import Pipeline
 from flaxauto.pipelines.generation import TextGenerationPipeline
+from flaxauto.pipelines.media import AudioClassificationPipeline, ImageClassificationPipeline
 from flaxauto.pipelines.question_answering import QuestionAnsweringPipeline
 from flaxauto.pipelines.text import (
     FeatureExtractionPipeline,
@@ -27,6 +28,8 @@ from flaxauto.pipelines.text import (
 #: transformers' task names -> the pipeline serving them
 PIPELINES: dict[str, type[Pipeline]] = {
     "feature-extraction": FeatureExtractionPipeline,
+    "image-classification": ImageClassificationPipeline,
+    "audio-classification": AudioClassificationPipeline,
     "text-classification": TextClassificationPipeline,
     "token-classification": TokenClassificationPipeline,
     "fill-mask": FillMaskPipeline,
@@ -39,27 +42,44 @@ PIPELINES: dict[str, type[Pipeline]] = {
 TASK_ALIASES = {"sentiment-analysis": "text-classification", "ner": "token-classification"}
 
 
-def pipeline(task: str, model=None, *, tokenizer=None, batch_size: int = 1, progress=False,
+def pipeline(task: str, model=None, *, tokenizer=None, image_processor=None,
+             feature_extractor=None, batch_size: int = 1, progress=False,
              model_kwargs: dict | None = None, **options) -> Pipeline:  # fmt: skip
     """The pipeline for `task` (a transformers task name or alias) over `model`: a checkpoint
     directory or hub id (loaded with the task's Auto class and `model_kwargs`), or a flaxauto
-    model (then pass its `tokenizer`). `options` are the task's call parameters, used as
-    defaults for every call (e.g. top_k=3)."""
+    model (then pass what prepares its inputs: its `tokenizer`, `image_processor` or
+    `feature_extractor`, as an object or a path). `options` are the task's call parameters,
+    used as defaults for every call (e.g. top_k=3)."""
     pipeline_class = PIPELINES[_task_name(task)]
+    kind = pipeline_class.processor_kind
+    processor = {
+        "tokenizer": tokenizer,
+        "image_processor": image_processor,
+        "feature_extractor": feature_extractor,
+    }[kind]
     if model is None:
         raise ValueError(f"pipeline({task!r}) needs model=: a checkpoint directory or hub id")
     if isinstance(model, (str, Path)):
         _check_family(model, pipeline_class.task, task)
         name = str(model)
         model = _load(name, pipeline_class.task, model_kwargs or {})
-        tokenizer = name if tokenizer is None else tokenizer
-    if tokenizer is None:
-        raise ValueError("pass tokenizer= with a model object (a path, hub id or tokenizer)")
-    if isinstance(tokenizer, (str, Path)):
-        from transformers import AutoTokenizer
+        processor = name if processor is None else processor
+    if processor is None:
+        raise ValueError(f"pass {kind}= with a model object (an object, a path or a hub id)")
+    if isinstance(processor, (str, Path)):
+        processor = _load_processor(kind, str(processor))
+    return pipeline_class(model, processor, batch_size=batch_size, progress=progress, **options)
 
-        tokenizer = AutoTokenizer.from_pretrained(str(tokenizer))
-    return pipeline_class(model, tokenizer, batch_size=batch_size, progress=progress, **options)
+
+def _load_processor(kind: str, name: str):
+    import transformers
+
+    loader = {
+        "tokenizer": transformers.AutoTokenizer,
+        "image_processor": transformers.AutoImageProcessor,
+        "feature_extractor": transformers.AutoFeatureExtractor,
+    }[kind]
+    return loader.from_pretrained(name)
 
 
 def _task_name(task: str) -> str:

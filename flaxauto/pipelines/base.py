@@ -56,9 +56,13 @@ class Pipeline:
     #: outputs whose second axis is the sequence, cut back to each example's length
     sequence_outputs: ClassVar[tuple[str, ...]] = ()
 
-    def __init__(self, model, tokenizer=None, *, batch_size: int = 1, progress=False, **params):
+    #: what prepares the inputs, as pipeline() loads it: "tokenizer", "image_processor" or
+    #: "feature_extractor" (transformers' classes, which need no torch)
+    processor_kind: ClassVar[str] = "tokenizer"
+
+    def __init__(self, model, processor=None, *, batch_size: int = 1, progress=False, **params):
         self.model = model
-        self.tokenizer = tokenizer
+        self.processor = processor
         self.batch_size = _positive("batch_size", batch_size)
         self.progress = progress
         self.check_params(**params)  # refuse bad options now, not at the first call
@@ -71,6 +75,10 @@ class Pipeline:
     @property
     def config(self):
         return self.model.config
+
+    @property
+    def tokenizer(self):
+        return self.processor
 
     def check_params(self, **params) -> dict:
         """The call parameters this pipeline accepts, checked; unknown ones raise TypeError."""
