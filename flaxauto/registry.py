@@ -66,6 +66,7 @@ BUILTIN_FAMILIES: dict[str, str] = {
     "llama": "llama",
     "mistral": "llama",
     "qwen2": "llama",
+    "bart": "bart",
 }
 
 
