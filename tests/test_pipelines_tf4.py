@@ -66,3 +66,22 @@ def test_the_run_command_answers_json_lines(capsys):
                  "--param", "top_k=3"]) == 0  # fmt: skip
     (line,) = capsys.readouterr().out.splitlines()
     assert_same_answers(json.loads(line), case["answers"])
+
+
+SEQ2SEQ_DIR = Path(__file__).parent / "fixtures" / "seq2seq-tiny"
+SEQ2SEQ = json.loads((SEQ2SEQ_DIR / "answers.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def bart():
+    return flaxauto.AutoModelForSeq2SeqLM.from_pretrained(str(SEQ2SEQ_DIR))
+
+
+@pytest.mark.parametrize(
+    "case", SEQ2SEQ["cases"], ids=lambda case: f"{case['task']}-{json.dumps(case['params'])}"
+)
+def test_text2text_pipelines_match_transformers_4(case, bart):
+    """summarization / text2text-generation / translation_xx_to_yy with the checkpoint's
+    task_specific_params (prefix and generation settings), greedy and beam search."""
+    pipe = flaxauto.pipeline(case["task"], model=bart, tokenizer=str(SEQ2SEQ_DIR), batch_size=2)
+    assert_same_answers(pipe(case["inputs"], **case["params"]), case["answers"])

@@ -14,7 +14,12 @@ from pathlib import Path
 
 from flaxauto import auto, registry
 from flaxauto.pipelines.base import Pipeline
-from flaxauto.pipelines.generation import TextGenerationPipeline
+from flaxauto.pipelines.generation import (
+    SummarizationPipeline,
+    Text2TextGenerationPipeline,
+    TextGenerationPipeline,
+    TranslationPipeline,
+)
 from flaxauto.pipelines.media import AudioClassificationPipeline, ImageClassificationPipeline
 from flaxauto.pipelines.question_answering import QuestionAnsweringPipeline
 from flaxauto.pipelines.text import (
@@ -35,6 +40,9 @@ PIPELINES: dict[str, type[Pipeline]] = {
     "fill-mask": FillMaskPipeline,
     "question-answering": QuestionAnsweringPipeline,
     "text-generation": TextGenerationPipeline,
+    "text2text-generation": Text2TextGenerationPipeline,
+    "summarization": SummarizationPipeline,
+    "translation": TranslationPipeline,
     "zero-shot-classification": ZeroShotClassificationPipeline,
 }
 
@@ -68,6 +76,8 @@ def pipeline(task: str, model=None, *, tokenizer=None, image_processor=None,
         raise ValueError(f"pass {kind}= with a model object (an object, a path or a hub id)")
     if isinstance(processor, (str, Path)):
         processor = _load_processor(kind, str(processor))
+    if issubclass(pipeline_class, Text2TextGenerationPipeline):
+        options["task_name"] = TASK_ALIASES.get(task, task)
     return pipeline_class(model, processor, batch_size=batch_size, progress=progress, **options)
 
 
@@ -84,6 +94,8 @@ def _load_processor(kind: str, name: str):
 
 def _task_name(task: str) -> str:
     name = TASK_ALIASES.get(task, task)
+    if name.startswith("translation_") and len(name.split("_")) == 4:
+        return "translation"  # translation_xx_to_yy names its languages
     if name not in PIPELINES:
         known = sorted([*PIPELINES, *TASK_ALIASES])
         raise KeyError(f"Unknown task {task!r}; the pipelines are: {', '.join(known)}")

@@ -120,7 +120,7 @@ class TextGenerationPipeline(Pipeline):
         output = outputs[0]
         records = []
         for new_tokens in output["new_tokens"]:
-            new_tokens = self._until_finished(new_tokens)
+            new_tokens = _until_finished(self.model, new_tokens)
             if answer == "tensors":
                 ids = np.concatenate([output["input_ids"], new_tokens]).tolist()
                 records.append({"generated_token_ids": ids})
@@ -131,12 +131,146 @@ class TextGenerationPipeline(Pipeline):
             )
         return records
 
-    def _until_finished(self, tokens: np.ndarray) -> np.ndarray:
-        """A row that finished before the batch did is filled with padding after its eos;
-        alone (as transformers' pipeline runs it) it would have stopped at the eos."""
-        eos = self.model.generation_config.eos_token_id
-        eos = {eos} if isinstance(eos, int) else set(eos or ())
-        for index, token in enumerate(tokens):
-            if int(token) in eos:
-                return tokens[: index + 1]
-        return tokens
+
+def _until_finished(model, tokens: np.ndarray, first: int = 0) -> np.ndarray:
+    """A row that finished before the batch did is filled with padding after its eos; alone (as
+    transformers' pipeline runs it) it would have stopped at the eos. The search starts at
+    `first` (1 past an encoder-decoder's start token, which may be the eos)."""
+    eos = model.generation_config.eos_token_id
+    eos = {eos} if isinstance(eos, int) else set(eos or ())
+    for index in range(first, len(tokens)):
+        if int(tokens[index]) in eos:
+            return tokens[: index + 1]
+    return tokens
+
+
+class Text2TextGenerationPipeline(Pipeline):
+    """text2text-generation, summarization and translation, which transformers 5 removed:
+    kept with transformers 4.x's behaviour. Each text (with the model's `prefix`, and the
+    settings of its config's `task_specific_params` for the task, as T5 and BART checkpoints
+    carry them) goes through the encoder-decoder's compiled generate: `[{"<name>_text": ...}]`
+    per returned sequence, or `"<name>_token_ids"` with return_tensors=True. A batch of texts is
+    padded (encoder side) and generated together."""
+
+    task = "seq2seq-lm"
+    return_name = "generated"
+    #: the task_specific_params entry this pipeline reads (translation: translation_xx_to_yy)
+    task_name = "text2text-generation"
+
+    def __init__(self, model, processor=None, *, task_name=None, **options):
+        self.task_name = task_name or self.task_name
+        specific = dict((getattr(model.config, "task_specific_params", None) or {}).get(
+            self.task_name, {}
+        ))  # fmt: skip
+        self.prefix = specific.pop("prefix", getattr(model.config, "prefix", None)) or ""
+        # transformers 4 applied these to the pipeline's copy of the generation config
+        self.generation_defaults = specific
+        super().__init__(model, processor, **options)
+
+    def check_params(
+        self,
+        return_tensors=None,
+        return_text=None,
+        clean_up_tokenization_spaces=False,
+        truncation=None,
+        stop_sequence=None,
+        key=None,
+        src_lang=None,
+        tgt_lang=None,
+        **generate_kwargs,
+    ):
+        unknown = sorted(set(generate_kwargs) - GENERATION_SETTINGS)
+        if unknown:
+            raise TypeError(f"{type(self).__name__} got unexpected parameters {unknown}")
+        if stop_sequence is not None:
+            ids = self.tokenizer.encode(stop_sequence, add_special_tokens=False)
+            generate_kwargs["eos_token_id"] = ids[0]  # transformers 4: the first token only
+        return {
+            "tensors": bool(return_tensors),
+            "clean_up_tokenization_spaces": clean_up_tokenization_spaces,
+            "truncation": truncation,
+            "key": key,
+            "languages": self.languages(src_lang, tgt_lang),
+            "generate_kwargs": self.generation_defaults | generate_kwargs,
+        }
+
+    def languages(self, src_lang, tgt_lang) -> dict:
+        return {}
+
+    def __call__(self, inputs, **params):
+        answers = super().__call__(inputs, **params)
+        # transformers 4 answers a list of texts with one record each as a flat list
+        texts = isinstance(inputs, list) and all(isinstance(x, str) for x in inputs)
+        if texts and all(len(answer) == 1 for answer in answers):
+            return [answer[0] for answer in answers]
+        return answers
+
+    def is_single(self, inputs) -> bool:
+        return isinstance(inputs, str)
+
+    def preprocess(self, item, truncation=None, languages=None, **params):
+        if not isinstance(item, str):
+            raise ValueError(f"{item!r}: the inputs are texts (str), or lists of texts")
+        options = {"truncation": truncation or False}
+        encoded = self.encode(self.prefix + item, options, languages or {})
+        return [{k: v[0] for k, v in encoded.items() if k in ("input_ids", "attention_mask")}]
+
+    def encode(self, text: str, options: dict, languages: dict) -> dict:
+        return self.tokenizer(text, return_tensors="np", **options)
+
+    def run_model(self, examples, generate_kwargs, key=None, **params):
+        width = max(len(e["input_ids"]) for e in examples)
+        ids = np.full((len(examples), width), self.pad_token_id(), np.int32)
+        mask = np.zeros((len(examples), width), np.int32)
+        for row, example in enumerate(examples):
+            length = len(example["input_ids"])
+            ids[row, :length] = example["input_ids"]
+            mask[row, :length] = example.get("attention_mask", np.ones(length, np.int32))
+        sequences = np.asarray(self.model.generate(ids, mask, key=key, **generate_kwargs))
+        per_text = sequences.reshape(len(examples), -1, sequences.shape[-1])
+        return [{"output_ids": rows} for rows in per_text]
+
+    def postprocess(self, item, outputs, tensors, clean_up_tokenization_spaces, **params):
+        records = []
+        for ids in outputs[0]["output_ids"]:
+            ids = _until_finished(self.model, ids, first=1)
+            if tensors:
+                records.append({f"{self.return_name}_token_ids": ids.tolist()})
+            else:
+                text = self.tokenizer.decode(
+                    ids,
+                    skip_special_tokens=True,
+                    clean_up_tokenization_spaces=clean_up_tokenization_spaces,
+                )
+                records.append({f"{self.return_name}_text": text})
+        return records
+
+
+class SummarizationPipeline(Text2TextGenerationPipeline):
+    """summarization: `[{"summary_text": ...}]`."""
+
+    return_name = "summary"
+    task_name = "summarization"
+
+
+class TranslationPipeline(Text2TextGenerationPipeline):
+    """translation (or translation_xx_to_yy, which names the languages): `[{"translation_text":
+    ...}]`; multilingual tokenizers (mBART, M2M, NLLB) get `src_lang` / `tgt_lang`."""
+
+    return_name = "translation"
+    task_name = "translation"
+
+    def languages(self, src_lang, tgt_lang) -> dict:
+        parts = self.task_name.split("_")
+        if src_lang is None and tgt_lang is None and len(parts) == 4:  # translation_xx_to_yy
+            src_lang, tgt_lang = parts[1], parts[3]
+        return {k: v for k, v in (("src_lang", src_lang), ("tgt_lang", tgt_lang)) if v}
+
+    def encode(self, text: str, options: dict, languages: dict) -> dict:
+        build = getattr(self.tokenizer, "_build_translation_inputs", None)
+        if build is None:
+            return super().encode(text, options, languages)
+        return build(
+            text, return_tensors="np", truncation=options["truncation"],
+            src_lang=languages.get("src_lang"), tgt_lang=languages.get("tgt_lang"),
+        )  # fmt: skip
