@@ -26,6 +26,7 @@ BENCHMARKS = (
     "convnet",
     "table",
     "seq2seq",
+    "pipelines",
     "loading",
     "compile",
     "training",

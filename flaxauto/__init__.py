@@ -25,6 +25,7 @@ from flaxauto.auto import (
 from flaxauto.converters.errors import CheckpointError, UnsafeCheckpointError
 from flaxauto.converters.flax_params import flax_params, load_flax_params
 from flaxauto.modeling import Model
+from flaxauto.pipelines import pipeline
 from flaxauto.registry import AUTO_CLASS_TASKS, ConfigAttr, HeadSpec, register, supported
 from flaxauto.sharding import make_mesh, shard_batch, shard_cache, shard_model
 
@@ -55,6 +56,7 @@ __all__ = [
     "flax_params",
     "load_flax_params",
     "make_mesh",
+    "pipeline",
     "register",
     "shard_batch",
     "shard_cache",

@@ -1,8 +1,9 @@
-"""The `flaxauto` command: convert a checkpoint, describe one, or run a sentence-embedding demo.
+"""The `flaxauto` command: convert a checkpoint, describe one, run a pipeline, or a demo.
 
     flaxauto convert SRC DST [--dtype auto|float32|bfloat16] [--task AutoModelForMaskedLM] [--force]
     flaxauto info SRC
     flaxauto demo [--model PATH]
+    flaxauto run TASK MODEL [INPUT ...] [--batch-size N] [--param NAME=VALUE ...]
 
 Any problem with the input ends in one line, `flaxauto: error: ...`, and exit status 1.
 """
@@ -309,6 +310,41 @@ def _print_table(similarity: np.ndarray) -> None:
         print(f"{label:<{width}}" + "".join(f"{value:>7.3f}" for value in similarity[i]))
 
 
+def run_pipeline(args) -> int:
+    """One JSON line per input: from the arguments, else from stdin's lines. An input that
+    reads as a JSON object or list (question-answering's {"question", "context"}) is that."""
+    from flaxauto.pipelines import pipeline
+
+    params = dict(_param(text) for text in args.param)
+    answer = pipeline(args.task, model=args.model, batch_size=args.batch_size, **params)
+    lines = args.inputs or (line.rstrip("\n") for line in sys.stdin if line.strip())
+    for result in answer(_input(line) for line in lines):
+        print(json.dumps(result, default=_plain), flush=True)
+    return 0
+
+
+def _param(text: str) -> tuple[str, object]:
+    name, sep, value = text.partition("=")
+    if not sep:
+        raise ValueError(f"--param {text!r}: write NAME=VALUE, e.g. top_k=3")
+    return name, _input(value)
+
+
+def _input(text: str):
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return text
+    return value if isinstance(value, (dict, list, int, float, bool)) or value is None else text
+
+
+def _plain(value):
+    """numpy scalars and arrays in answers, as JSON numbers and lists."""
+    if isinstance(value, (np.generic, np.ndarray)):
+        return value.tolist()
+    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="flaxauto", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -333,6 +369,13 @@ def _parser() -> argparse.ArgumentParser:
     command = commands.add_parser("demo", help="sentence similarity with all-MiniLM-L6-v2")
     command.add_argument("--model", help="a sentence-transformers BERT directory instead")
     command.set_defaults(run=demo)
+    command = commands.add_parser("run", help="a pipeline over inputs, one JSON line each")
+    command.add_argument("task", help="a pipeline task, e.g. text-classification")
+    command.add_argument("model", help=source_help)
+    command.add_argument("inputs", nargs="*", help="inputs (default: stdin, one per line)")
+    command.add_argument("--batch-size", type=int, default=8)
+    command.add_argument("--param", action="append", default=[], help="NAME=VALUE (JSON value)")
+    command.set_defaults(run=run_pipeline)
     return parser
 
 
@@ -348,7 +391,7 @@ def main(argv: list[str] | None = None) -> int:
         return stop.code if isinstance(stop.code, int) else 2
     try:
         return args.run(args)
-    except (CheckpointError, ValueError, NotImplementedError, OSError) as error:
+    except (CheckpointError, ValueError, KeyError, NotImplementedError, OSError) as error:
         print(f"flaxauto: error: {_one_line(error) or type(error).__name__}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
