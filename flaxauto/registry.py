@@ -66,6 +66,9 @@ BUILTIN_FAMILIES: dict[str, str] = {
     "llama": "llama",
     "mistral": "llama",
     "qwen2": "llama",
+    "t5": "t5",
+    "mt5": "t5",
+    "umt5": "t5",
 }
 
 

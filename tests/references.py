@@ -63,6 +63,17 @@ TINY_CONFIGS["qwen2"] = dict(
     max_window_layers=1, tie_word_embeddings=True,
 )  # fmt: skip
 
+# T5 scales its init by fan-in: the default already gives attention far from uniform. Heads
+# of width d_kv with num_heads * d_kv != d_model, a decoder deeper than the encoder, few buckets
+# (the logarithmic ones reached within LENGTH); relu (t5) and gated-gelu (mt5, umt5)
+TINY_CONFIGS["t5"] = dict(
+    vocab_size=99, d_model=32, d_kv=8, d_ff=37, num_layers=2, num_decoder_layers=3, num_heads=3,
+    relative_attention_num_buckets=8, relative_attention_max_distance=16, pad_token_id=0,
+    eos_token_id=1, decoder_start_token_id=0, num_labels=3,
+)  # fmt: skip
+TINY_CONFIGS["mt5"] = dict(TINY_CONFIGS["t5"], feed_forward_proj="gated-gelu")
+TINY_CONFIGS["umt5"] = dict(TINY_CONFIGS["t5"], feed_forward_proj="gated-gelu")
+
 #: Tiny configs for model_types no family serves yet (TINY_CONFIGS holds the served ones, which
 #: other tests iterate as "every family"). The factories below are checked against transformers'
 #: PyTorch models built from them (tests/test_references.py); a family that registers one of these
@@ -87,12 +98,6 @@ PROBE_CONFIGS["whisper"] = dict(
     max_source_positions=12, max_target_positions=32, pad_token_id=0, bos_token_id=1,
     eos_token_id=2, decoder_start_token_id=3, suppress_tokens=None, begin_suppress_tokens=None,
     classifier_proj_size=12, num_labels=3, init_std=INITIALIZER_RANGE,
-)  # fmt: skip
-# T5 scales its init by fan-in: the default already gives attention far from uniform
-PROBE_CONFIGS["t5"] = dict(
-    vocab_size=99, d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4,
-    relative_attention_num_buckets=8, relative_attention_max_distance=16, pad_token_id=0,
-    eos_token_id=1, decoder_start_token_id=0,
 )  # fmt: skip
 PROBE_CONFIGS["bart"] = dict(
     vocab_size=99, d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
@@ -210,10 +215,19 @@ def _text(model_type: str, task: str, config, rng, batch: int) -> dict[str, np.n
     if model_type in DECODERS:
         mask = mask[..., ::-1].copy()  # left padding
     ids = np.where(mask == 1, rng.integers(2, config.vocab_size, size=shape), pad)
+    if task == "sequence-classification" and getattr(config, "is_encoder_decoder", False):
+        _end_rows_with_eos(ids, mask, config.eos_token_id)
     inputs = {"input_ids": ids, "attention_mask": mask}
     if model_type in USES_TOKEN_TYPES:
         inputs["token_type_ids"] = rng.integers(0, config.type_vocab_size, size=shape) * mask
     return inputs
+
+
+def _end_rows_with_eos(ids, mask, eos: int) -> None:
+    """One eos token per row, at its last real position, as tokenizers end them: encoder-decoder
+    sequence classifiers pool there and refuse rows with different numbers of eos tokens."""
+    ids[ids == eos] = eos + 1  # random tokens are no eos
+    ids[np.arange(len(ids)), mask.sum(axis=-1) - 1] = eos
 
 
 def _padding_mask(shape, rng) -> np.ndarray:
@@ -345,7 +359,9 @@ def task_inputs(
     config = config if config is not None else tiny_config(model_type, task)
     factory = INPUT_FACTORIES[MODALITIES.get(model_type, "text")]
     inputs = factory(model_type, task, config, rng, batch)
-    if takes_decoder_inputs(model_type, task):
+    # an encoder-decoder's sequence classifier pools the decoder at the input's eos tokens: its
+    # decoder inputs are the input_ids shifted, as transformers makes them
+    if takes_decoder_inputs(model_type, task) and task != "sequence-classification":
         inputs.update(decoder_inputs(config, rng, batch))
     return inputs
 
