@@ -66,6 +66,7 @@ BUILTIN_FAMILIES: dict[str, str] = {
     "llama": "llama",
     "mistral": "llama",
     "qwen2": "llama",
+    "bart": "bart",
     "t5": "t5",
     "mt5": "t5",
     "umt5": "t5",

@@ -99,7 +99,7 @@ PROBE_CONFIGS["whisper"] = dict(
     eos_token_id=2, decoder_start_token_id=3, suppress_tokens=None, begin_suppress_tokens=None,
     classifier_proj_size=12, num_labels=3, init_std=INITIALIZER_RANGE,
 )  # fmt: skip
-PROBE_CONFIGS["bart"] = dict(
+TINY_CONFIGS["bart"] = dict(
     vocab_size=99, d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
     decoder_attention_heads=4, encoder_ffn_dim=37, decoder_ffn_dim=37, max_position_embeddings=64,
     pad_token_id=1, bos_token_id=0, eos_token_id=2, decoder_start_token_id=2, num_labels=3,
@@ -139,6 +139,14 @@ MODALITIES = {
 #: Decoders are fed left-padded batches (as for generation). A padding position is a query with
 #: nothing to attend to, so its outputs are undefined: tests compare real tokens only.
 DECODERS = {"gpt2", "llama", "mistral", "qwen2"}
+
+#: Encoder-decoders whose tokenizers end every row with one eos token (BART's classifiers pool
+#: the decoder output there).
+EOS_ENDED = {"bart", "mbart", "t5", "mt5", "umt5"}
+
+#: Tasks whose encoder-decoder classes build their decoder inputs from input_ids (BART's
+#: classifiers pool at input_ids' eos positions): their batches carry no decoder inputs.
+DECODER_FROM_INPUT_IDS = {"sequence-classification", "question-answering"}
 
 #: Families whose backbone takes token_type_ids.
 USES_TOKEN_TYPES = {"bert", "roberta", "xlm-roberta"}
@@ -215,19 +223,14 @@ def _text(model_type: str, task: str, config, rng, batch: int) -> dict[str, np.n
     if model_type in DECODERS:
         mask = mask[..., ::-1].copy()  # left padding
     ids = np.where(mask == 1, rng.integers(2, config.vocab_size, size=shape), pad)
-    if task == "sequence-classification" and getattr(config, "is_encoder_decoder", False):
-        _end_rows_with_eos(ids, mask, config.eos_token_id)
+    if model_type in EOS_ENDED:  # eos at each row's end, nowhere else
+        eos = config.eos_token_id
+        ids = np.where(ids == eos, eos + 1, ids)
+        np.put_along_axis(ids, mask.sum(axis=-1, keepdims=True) - 1, eos, axis=-1)
     inputs = {"input_ids": ids, "attention_mask": mask}
     if model_type in USES_TOKEN_TYPES:
         inputs["token_type_ids"] = rng.integers(0, config.type_vocab_size, size=shape) * mask
     return inputs
-
-
-def _end_rows_with_eos(ids, mask, eos: int) -> None:
-    """One eos token per row, at its last real position, as tokenizers end them: encoder-decoder
-    sequence classifiers pool there and refuse rows with different numbers of eos tokens."""
-    ids[ids == eos] = eos + 1  # random tokens are no eos
-    ids[np.arange(len(ids)), mask.sum(axis=-1) - 1] = eos
 
 
 def _padding_mask(shape, rng) -> np.ndarray:
@@ -359,9 +362,7 @@ def task_inputs(
     config = config if config is not None else tiny_config(model_type, task)
     factory = INPUT_FACTORIES[MODALITIES.get(model_type, "text")]
     inputs = factory(model_type, task, config, rng, batch)
-    # an encoder-decoder's sequence classifier pools the decoder at the input's eos tokens: its
-    # decoder inputs are the input_ids shifted, as transformers makes them
-    if takes_decoder_inputs(model_type, task) and task != "sequence-classification":
+    if takes_decoder_inputs(model_type, task) and task not in DECODER_FROM_INPUT_IDS:
         inputs.update(decoder_inputs(config, rng, batch))
     return inputs
 

@@ -35,6 +35,12 @@ UNIMPLEMENTED = {
     "llama": {"sliding_window": 4},
     "mistral": {"layer_types": ["full_attention", "sliding_attention"]},
     "qwen2": {"use_mrope": True},
+    # BartForCausalLM's decoder alone
+    "bart": {"is_decoder": True},
+    # T5's stacks as a decoder-only model
+    "t5": {"is_decoder": True},
+    "mt5": {"is_decoder": True},
+    "umt5": {"is_decoder": True},
 }
 
 #: Settings hub configs carry that change no number.
@@ -66,8 +72,10 @@ def test_a_setting_the_family_does_not_implement_is_refused_naming_it(model_type
     config = tiny_config(model_type, **{name: value})
     with pytest.raises(NotImplementedError, match=f"{name}="):
         flaxauto.AutoModelForSequenceClassification.from_config(config)
-    with pytest.raises(NotImplementedError, match="is_encoder_decoder=True"):
-        flaxauto.AutoModel.from_config(tiny_config(model_type, is_encoder_decoder=True))
+    # the other architecture: an encoder-decoder switch on an encoder or decoder, or off
+    other = not transformers.AutoConfig.for_model(model_type).is_encoder_decoder
+    with pytest.raises(NotImplementedError, match=f"is_encoder_decoder={other}"):
+        flaxauto.AutoModel.from_config(tiny_config(model_type, is_encoder_decoder=other))
 
 
 @pytest.mark.parametrize("model_type", MODEL_TYPES)

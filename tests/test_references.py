@@ -40,7 +40,6 @@ PROBES = {
     "detr": ("base", "object-detection"),
     "tapas": ("base", "table-question-answering"),
     "t5": ("base", "seq2seq-lm"),
-    "bart": ("base", "seq2seq-lm"),
 }
 PROBE_PAIRS = [(model_type, task) for model_type, tasks in PROBES.items() for task in tasks]
 

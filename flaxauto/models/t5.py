@@ -27,10 +27,12 @@ from flaxauto import layers, stacks
 from flaxauto.converters.layout import LAYOUTS, Leaf
 from flaxauto.decoder import DecoderBackbone, DecoderStep, EncoderDecoderCache
 from flaxauto.heads import TokenClassificationHead
-from flaxauto.heads.seq2seq import Seq2SeqLMHead, encoder_output
-from flaxauto.heads.seq2seq_tasks import (
+from flaxauto.heads.seq2seq import (
+    Seq2SeqLMHead,
     Seq2SeqQuestionAnsweringHead,
     Seq2SeqSequenceClassificationHead,
+    encoder_output,
+    shift_tokens_right,
 )
 from flaxauto.outputs import (
     BaseModelOutput,
@@ -406,7 +408,7 @@ class T5Model(nnx.Module):
 
     def __init__(
         self, config, precision: Precision, rngs: nnx.Rngs, *, encoder_only: bool = False,
-        scan_layers=False, remat=False,
+        decoder_from_input_ids: bool = False, scan_layers=False, remat=False,
     ):  # fmt: skip
         check_config(config, encoder_only)
         variant = type(self).variant
@@ -422,6 +424,7 @@ class T5Model(nnx.Module):
         )
         self.pad_token_id = config.pad_token_id
         self.decoder_start_token_id = config.decoder_start_token_id
+        self.decoder_from_input_ids = decoder_from_input_ids
 
     def get_input_embeddings(self) -> nnx.Embed:
         return self.shared
@@ -489,6 +492,17 @@ class T5Model(nnx.Module):
         output_attentions: bool = False,
     ) -> Seq2SeqModelOutput | BaseModelOutput:
         flags = dict(output_hidden_states=output_hidden_states, output_attentions=output_attentions)
+        no_decoder_inputs = decoder_input_ids is None and decoder_inputs_embeds is None
+        if self.decoder_from_input_ids and no_decoder_inputs:
+            if input_ids is None:
+                raise ValueError(
+                    "If no `decoder_input_ids` or `decoder_inputs_embeds` are passed, `input_ids` "
+                    "cannot be `None`. Please pass either `input_ids` or `decoder_input_ids` or "
+                    "`decoder_inputs_embeds`."
+                )
+            decoder_input_ids = shift_tokens_right(
+                input_ids, self.pad_token_id, self.decoder_start_token_id
+            )
         if encoder_outputs is None:
             encoder_outputs = self.encode(
                 input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
@@ -547,6 +561,11 @@ CONFIG_ATTRIBUTES = (
 TIES = {"shared": ("encoder.embed_tokens", "decoder.embed_tokens")}
 
 
+#: T5ForSequenceClassification / T5ForQuestionAnswering feed the decoder input_ids shifted right
+#: when given no decoder inputs (T5Model itself requires them)
+DECODER_FROM_INPUT_IDS = {"decoder_from_input_ids": True}
+
+
 def heads(scaled_outputs: bool) -> dict[str, HeadSpec]:
     """transformers' T5 task models: T5ForConditionalGeneration and T5ForQuestionAnswering keep
     shared / encoder / decoder at the top (no prefix); T5ForSequenceClassification runs T5Model
@@ -561,9 +580,23 @@ def heads(scaled_outputs: bool) -> dict[str, HeadSpec]:
         "seq2seq-lm": HeadSpec(Seq2SeqLMHead, options=lm_options, base_model_prefix=""),
         "sequence-classification": HeadSpec(
             Seq2SeqSequenceClassificationHead,
-            options={"dropout_rate": ConfigAttr("classifier_dropout")},
+            names={
+                "classifier.dense": "classification_head.dense",
+                "classifier.out": "classification_head.out_proj",
+            },
+            options={
+                "pooling": "last_eos",
+                "dense_activation": "tanh",
+                "dropout_before_dense": True,
+                "dropout_rate": ConfigAttr("classifier_dropout"),
+            },
+            backbone_options=DECODER_FROM_INPUT_IDS,
         ),
-        "question-answering": HeadSpec(Seq2SeqQuestionAnsweringHead, base_model_prefix=""),
+        "question-answering": HeadSpec(
+            Seq2SeqQuestionAnsweringHead,
+            backbone_options=DECODER_FROM_INPUT_IDS,
+            base_model_prefix="",
+        ),
         "token-classification": HeadSpec(
             TokenClassificationHead,
             options={"dropout_rate": ConfigAttr("classifier_dropout")},
