@@ -26,6 +26,7 @@ BENCHMARKS = (
     "convnet",
     "table",
     "seq2seq",
+    "t5_decode",
     "pipelines",
     "loading",
     "compile",

@@ -77,6 +77,9 @@ BUILTIN_FAMILIES: dict[str, str] = {
     "bart": "bart",
     "mbart": "mbart",
     "pegasus": "pegasus",
+    "t5": "t5",
+    "mt5": "t5",
+    "umt5": "t5",
 }
 
 

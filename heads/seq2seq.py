@@ -105,6 +105,9 @@ class Seq2SeqLMHead(Head, DecodingHead):
         "decoder_vocab_size").
     wrap_last_token: labels shift right behind each row's last non-pad token (mBART), not
         behind decoder_start_token_id.
+    tie_attribute: the config attribute saying whether the lm_head is tied (T5 and UMT5:
+        "scale_decoder_outputs", the trace their configs keep of the checkpoint's
+        tie_word_embeddings while forcing that attribute itself to True).
 
     labels [B, T] become decoder_input_ids by shifting right behind decoder_start_token_id
     when none are given; the loss is the mean cross-entropy over labels != -100.
@@ -120,9 +123,10 @@ class Seq2SeqLMHead(Head, DecodingHead):
         scale_tied_output: bool = False,
         vocab_attribute: str = "vocab_size",
         wrap_last_token: bool = False,
+        tie_attribute: str = "tie_word_embeddings",
     ):
         vocab = getattr(config, vocab_attribute)
-        self.tied = bool(getattr(config, "tie_word_embeddings", True))
+        self.tied = bool(getattr(config, tie_attribute, True))
         if self.tied:
             self.lm_head = nnx.data(None)
             self.tied_names = ("lm_head.weight",)

@@ -91,6 +91,16 @@ TINY_CONFIGS["convnext"] = dict(
     layer_scale_init_value=0.5, drop_path_rate=0.1, num_labels=3,
     initializer_range=INITIALIZER_RANGE,
 )  # fmt: skip
+# T5 scales its init by fan-in: the default already gives attention far from uniform. Heads
+# of width d_kv with num_heads * d_kv != d_model, a decoder deeper than the encoder, few buckets
+# (the logarithmic ones reached within LENGTH); relu (t5) and gated-gelu (mt5, umt5)
+TINY_CONFIGS["t5"] = dict(
+    vocab_size=99, d_model=32, d_kv=8, d_ff=37, num_layers=2, num_decoder_layers=3, num_heads=3,
+    relative_attention_num_buckets=8, relative_attention_max_distance=16, pad_token_id=0,
+    eos_token_id=1, decoder_start_token_id=0, num_labels=3,
+)  # fmt: skip
+TINY_CONFIGS["mt5"] = dict(TINY_CONFIGS["t5"], feed_forward_proj="gated-gelu")
+TINY_CONFIGS["umt5"] = dict(TINY_CONFIGS["t5"], feed_forward_proj="gated-gelu")
 
 #: Tiny configs for model_types no family serves yet (TINY_CONFIGS holds the served ones, which
 #: other tests iterate as "every family"). The factories below are checked against transformers'
@@ -110,12 +120,6 @@ PROBE_CONFIGS["whisper"] = dict(
     max_source_positions=12, max_target_positions=32, pad_token_id=0, bos_token_id=1,
     eos_token_id=2, decoder_start_token_id=3, suppress_tokens=None, begin_suppress_tokens=None,
     classifier_proj_size=12, num_labels=3, init_std=INITIALIZER_RANGE,
-)  # fmt: skip
-# T5 scales its init by fan-in: the default already gives attention far from uniform
-PROBE_CONFIGS["t5"] = dict(
-    vocab_size=99, d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4,
-    relative_attention_num_buckets=8, relative_attention_max_distance=16, pad_token_id=0,
-    eos_token_id=1, decoder_start_token_id=0,
 )  # fmt: skip
 TINY_CONFIGS["bart"] = dict(
     vocab_size=99, d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
@@ -172,7 +176,7 @@ DECODERS = {"gpt2", "llama", "mistral", "qwen2"}
 
 #: Encoder-decoders whose tokenizers end every row with one eos token (BART's classifiers pool
 #: the decoder output there).
-EOS_ENDED = {"bart", "mbart"}
+EOS_ENDED = {"bart", "mbart", "t5", "mt5", "umt5"}
 
 #: Tasks whose encoder-decoder classes build their decoder inputs from input_ids (BART's
 #: classifiers pool at input_ids' eos positions): their batches carry no decoder inputs.

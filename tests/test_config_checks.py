@@ -48,6 +48,10 @@ UNIMPLEMENTED = {
     "bart": {"is_decoder": True},
     "mbart": {"is_decoder": True},
     "pegasus": {"is_decoder": True},
+    # T5's stacks as a decoder-only model
+    "t5": {"is_decoder": True},
+    "mt5": {"is_decoder": True},
+    "umt5": {"is_decoder": True},
 }
 
 #: Settings hub configs carry that change no number.

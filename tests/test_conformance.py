@@ -187,7 +187,10 @@ def test_sharded_on_fsdp_mesh_matches_single_device(case, loaded):
     output = jax.jit(lambda model, batch: model(**batch))(sharded, batch)
     expected = loaded(**case.inputs, **case.labels)
     for field in case.fields:
-        assert max_diff(getattr(output, field), getattr(expected, field)) <= 1e-5
+        # sharded sums add in another order: float32 rounding relative to the field's size
+        # (mT5's tied logits, not rescaled, reach ~10)
+        scale = max(1.0, float(np.max(np.abs(to_numpy(getattr(expected, field))))))
+        assert max_diff(getattr(output, field), getattr(expected, field)) <= 1e-5 * scale
 
 
 #: scan_layers / remat serve uniform layer stacks; the convolutional families' stages differ in
