@@ -105,19 +105,17 @@ def test_readme_table_matches_the_registry():
 
 
 def supported_table() -> str:
-    """The README table: model types x Auto classes (regenerate: `python tests/test_api.py`)."""
-    served = flaxauto.supported()
-    header = "| Auto class | " + " | ".join(f"`{t}`" for t in served) + " |"
-    rule = "|---|" + "---|" * len(served)
-    rows = [
-        f"| {name} | "
-        + " | ".join(
-            "✓" if registry.AUTO_CLASS_TASKS[name] in tasks else "" for tasks in served.values()
-        )
-        + " |"
-        for name in AUTO_CLASSES
-    ]
-    return "\n".join([header, rule, *rows]) + "\n"
+    """The README table: each model type and the Auto classes it serves, in the order of
+    AUTO_CLASSES (regenerate: `python tests/test_api.py`)."""
+    lines = ["| model_type | Auto classes (AutoModel, AutoModelFor...) |", "|---|---|"]
+    for model_type, tasks in flaxauto.supported().items():
+        names = [
+            name.removeprefix("AutoModelFor") if name != "AutoModel" else "AutoModel"
+            for name in AUTO_CLASSES
+            if registry.AUTO_CLASS_TASKS[name] in tasks
+        ]
+        lines.append(f"| `{model_type}` | {', '.join(names)} |")
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":
