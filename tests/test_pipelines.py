@@ -251,3 +251,32 @@ def test_the_run_command_reads_stdin_lines(classifier, monkeypatch, capsys):
 def test_the_run_command_names_an_unknown_task(capsys):
     assert main(["run", "text-to-everything", str(MINILM), "hello"]) == 1
     assert "Unknown task" in capsys.readouterr().err
+
+
+def _images(count: int, seed: int = 0) -> list[np.ndarray]:
+    """Smooth random colour images of different sizes (uint8 HxWx3), as photos come."""
+    rng = np.random.default_rng(seed)
+    images = []
+    for _ in range(count):
+        height, width = rng.integers(20, 48, size=2)
+        y, x = np.mgrid[0:height, 0:width] / max(height, width)
+        phase = rng.uniform(0, 6, size=3)
+        image = 127.5 * (1 + np.sin(6 * x[..., None] + 4 * y[..., None] + phase))
+        images.append(image.astype(np.uint8))
+    return images
+
+
+@pytest.mark.parametrize("model_type", ["vit", "resnet"])
+def test_image_classification_matches_transformers(model_type, tmp_path):
+    model = torch_model(model_type, "image-classification")
+    model.save_pretrained(tmp_path)
+    processor = transformers.ViTImageProcessorPil(size={"height": 16, "width": 16})
+    theirs = transformers.pipeline("image-classification", model=model, image_processor=processor)
+    ours = flaxauto.pipeline(
+        "image-classification", model=str(tmp_path), image_processor=processor, batch_size=2
+    )
+    images = _images(3)
+    for params in ({}, {"top_k": 2}, {"function_to_apply": "sigmoid"}):
+        assert_same_answers(ours(images, **params), theirs(images, **params))
+    assert_same_answers(ours(images[0]), theirs(images[0]))
+    assert ours.compilations == 1  # every image is processed to one shape
