@@ -77,3 +77,13 @@ class BaseModelOutputWithPast(BaseModelOutput):
 class CausalLMOutputWithPast(_TaskOutput):
     logits: Array = None  # [B, T, V]
     cache: object = None  # flaxauto.decoder.KVCache, when the forward was given one
+
+
+@struct.dataclass
+class Wav2Vec2BaseModelOutput(BaseModelOutput):
+    extract_features: Array | None = None  # [B, T, C]: the feature encoder's output, normalised
+
+
+@struct.dataclass
+class CausalLMOutput(_TaskOutput):
+    logits: Array = None  # [B, T, V]: per-frame CTC logits for speech recognition

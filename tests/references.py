@@ -63,6 +63,21 @@ TINY_CONFIGS["qwen2"] = dict(
     max_window_layers=1, tie_word_embeddings=True,
 )  # fmt: skip
 
+#: wav2vec2 pre-norm with layer-normed convolutions and a weighted layer sum; HuBERT post-norm
+#: with a group-normed first convolution, conv biases off and an odd positional width
+TINY_CONFIGS["wav2vec2"] = dict(
+    vocab_size=32, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+    intermediate_size=20, conv_dim=(32, 32, 32), conv_stride=(4, 4, 4), conv_kernel=(8, 8, 8),
+    conv_bias=True, num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=2,
+    feat_extract_norm="layer", do_stable_layer_norm=True, classifier_proj_size=12,
+    use_weighted_layer_sum=True, num_labels=3, initializer_range=INITIALIZER_RANGE,
+)  # fmt: skip
+TINY_CONFIGS["hubert"] = dict(
+    TINY_CONFIGS["wav2vec2"], conv_bias=False, num_conv_pos_embeddings=15,
+    feat_extract_norm="group", do_stable_layer_norm=False, use_weighted_layer_sum=False,
+    ctc_loss_reduction="mean",
+)  # fmt: skip
+
 #: Tiny configs for model_types no family serves yet (TINY_CONFIGS holds the served ones, which
 #: other tests iterate as "every family"). The factories below are checked against transformers'
 #: PyTorch models built from them (tests/test_references.py); a family that registers one of these
@@ -74,13 +89,6 @@ _PATCHES = dict(
 )  # fmt: skip
 PROBE_CONFIGS["vit"] = dict(_PATCHES)
 PROBE_CONFIGS["videomae"] = dict(_PATCHES, num_frames=4, tubelet_size=2)
-PROBE_CONFIGS["wav2vec2"] = dict(
-    vocab_size=32, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
-    intermediate_size=20, conv_dim=(32, 32, 32), conv_stride=(4, 4, 4), conv_kernel=(8, 8, 8),
-    conv_bias=True, num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=2,
-    feat_extract_norm="layer", do_stable_layer_norm=True, classifier_proj_size=12,
-    use_weighted_layer_sum=True, num_labels=3, initializer_range=INITIALIZER_RANGE,
-)  # fmt: skip
 PROBE_CONFIGS["whisper"] = dict(
     vocab_size=99, d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
     decoder_attention_heads=4, encoder_ffn_dim=37, decoder_ffn_dim=37, num_mel_bins=8,
@@ -126,6 +134,7 @@ MODALITIES = {
     "vit": "image",
     "videomae": "video",
     "wav2vec2": "waveform",
+    "hubert": "waveform",
     "whisper": "log-mel",
     "detr": "padded-image",
     "tapas": "table",
@@ -151,6 +160,7 @@ TASK_FIELDS = {
 BATCH, CHOICES, LENGTH = 4, 2, 9
 DECODER_LENGTH = 7
 SAMPLES = 1024  # waveform length: 14 frames out of the tiny wav2vec2 feature encoder
+CTC_TARGETS = 5  # label length for CTC: fits the 6 frames of the shortest waveform (512 samples)
 
 
 def tiny_config(model_type: str, task: str = "base", **overrides):
@@ -439,6 +449,21 @@ def _table_question_answering(config, inputs, rng):
     return targets
 
 
+def _ctc(config, inputs, rng):
+    """Character ids [B, U] (never the blank, pad_token_id), padded with -100 as a CTC collator
+    pads them; no label repeats its neighbour, so every row's targets fit in its frames."""
+    labels = rng.integers(0, config.vocab_size, size=(_batch_size(inputs), CTC_TARGETS))
+    for position in range(CTC_TARGETS):
+        while True:
+            clash = labels[:, position] == config.pad_token_id
+            if position:
+                clash |= labels[:, position] == labels[:, position - 1]
+            if not clash.any():
+                break
+            labels[clash, position] = rng.integers(0, config.vocab_size, size=int(clash.sum()))
+    return {"labels": np.where(_padding_mask(labels.shape, rng) == 1, labels, -100)}
+
+
 LABEL_FACTORIES = {
     "sequence-classification": _one_per_example,
     "image-classification": _one_per_example,
@@ -454,6 +479,7 @@ LABEL_FACTORIES = {
     "speech-seq2seq": _seq2seq,
     "object-detection": _object_detection,
     "table-question-answering": _table_question_answering,
+    "ctc": _ctc,
 }
 
 
