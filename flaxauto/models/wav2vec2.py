@@ -397,6 +397,9 @@ def _register(model_type: str, backbone: type, prefix: str) -> None:
         backbone=backbone,
         base_model_prefix=prefix,
         main_input_name="input_values",
+        # present only when SpecAugment is configured: a checkpoint trained with it loads into
+        # a model with mask_time_prob=0.0 (as transformers drops it, with a report)
+        optional_modules=("masked_spec_embed",),
         config_attributes=CONFIG_ATTRIBUTES,
         heads={
             "base": HeadSpec(None),
