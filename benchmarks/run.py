@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common  # noqa: E402
 
-BENCHMARKS = ("encoder", "loading", "compile", "training", "decode", "gpu")
+BENCHMARKS = ("encoder", "loading", "compile", "training", "decode", "gpu", "speech")
 
 
 def run_one(name: str, quick: bool) -> list[dict]:
