@@ -243,6 +243,10 @@ def initial_value(slot: Slot, key: jax.Array, std: float) -> jax.Array:
         from flaxauto.layers import sinusoidal_table
 
         return sinusoidal_table(*shape).astype(dtype)
+    if slot.init == "sinusoidal_halves":
+        from flaxauto.layers import sinusoidal_halves_table
+
+        return sinusoidal_halves_table(*shape).astype(dtype)
     if slot.init == "normal":
         return (std * jax.random.normal(key, shape, jnp.float32)).astype(dtype)
     if slot.init == "ones":

@@ -238,6 +238,15 @@ def sinusoidal_table(num: int, features: int) -> jax.Array:
     return jnp.asarray(table.astype(np.float32))
 
 
+def sinusoidal_halves_table(num: int, features: int) -> jax.Array:
+    """[num, features]: sin on the first half of the features, cos on the second, timescales
+    10000 ** (j / (features / 2 - 1)) (Whisper's encoder positions, transformers' `sinusoids`)."""
+    half = features // 2
+    inverse = np.exp(-np.log(10000.0) / (half - 1) * np.arange(half, dtype=np.float32))
+    angles = np.arange(num, dtype=np.float32)[:, None] * inverse[None, :]
+    return jnp.asarray(np.concatenate([np.sin(angles), np.cos(angles)], axis=1))
+
+
 def dropout(rate: float, rngs: nnx.Rngs) -> nnx.Dropout:
     return nnx.Dropout(rate, rngs=rngs)
 
