@@ -26,7 +26,7 @@ import jax.numpy as jnp
 from flax import nnx, struct
 
 from flaxauto import layers, stacks
-from flaxauto.outputs import BaseModelOutputWithPast
+from flaxauto.outputs import BaseModelOutputWithPast, BaseModelOutputWithPastAndCrossAttentions
 from flaxauto.sharding import shard_cache
 
 Array = jax.Array
@@ -391,7 +391,9 @@ class DecoderBackbone(nnx.Module):
     layer stack, and scan_layers / remat. A layer is `layer(hidden, step, layer_cache, bias,
     **inputs) -> (hidden, probs, new layer cache)`: its self attention goes through
     `step.keys_values`, its cross attention through `step.cross_keys_values` and
-    `step.cross_bias`.
+    `step.cross_bias`. A layer with cross attention returns probs as the pair (self-attention
+    probs, cross-attention probs); `finish` then returns them as attentions and
+    cross_attentions (BaseModelOutputWithPastAndCrossAttentions).
     """
 
     supports_scan_layers = supports_remat = True
@@ -477,9 +479,17 @@ class DecoderBackbone(nnx.Module):
             remat=self.remat,
         )
         last = final_norm(last)
-        return BaseModelOutputWithPast(
+        output = dict(
             last_hidden_state=last,
             hidden_states=None if all_hidden is None else (*all_hidden[:-1], last),
             attentions=all_probs,
             cache=step.new_cache(new_per_layer, hidden.shape[1]),
         )
+        if not self.cross_attention:
+            return BaseModelOutputWithPast(**output)
+        # a layer with cross attention returns its probabilities as a (self, cross) pair
+        cross = None
+        if all_probs is not None:
+            output["attentions"] = tuple(probs[0] for probs in all_probs)
+            cross = tuple(probs[1] for probs in all_probs)
+        return BaseModelOutputWithPastAndCrossAttentions(**output, cross_attentions=cross)

@@ -60,19 +60,20 @@ class BackboneInputs:
 
 
 @functools.cache
-def backbone_inputs(backbone_class: type) -> BackboneInputs:
-    """Read once per class from `__call__`'s signature."""
-    signature = inspect.signature(backbone_class.__call__)
+def backbone_inputs(backbone_class: type, method: str = "__call__") -> BackboneInputs:
+    """Read once per class from `__call__`'s signature (or another method's: an
+    encoder-decoder's `encode`)."""
+    signature = inspect.signature(getattr(backbone_class, method))
     data, flags = set(), {}
     for name, parameter in list(signature.parameters.items())[1:]:  # past self
         if parameter.kind is inspect.Parameter.VAR_KEYWORD:
             raise TypeError(
-                f"{backbone_class.__name__}.__call__ takes **{name}: a backbone declares every "
+                f"{backbone_class.__name__}.{method} takes **{name}: a backbone declares every "
                 "input and flag as a keyword-only parameter"
             )
         if parameter.kind is not inspect.Parameter.KEYWORD_ONLY:
             raise TypeError(
-                f"{backbone_class.__name__}.__call__: {name!r} must be keyword-only (after `*`)"
+                f"{backbone_class.__name__}.{method}: {name!r} must be keyword-only (after `*`)"
             )
         if isinstance(parameter.default, bool):
             flags[name] = parameter.default

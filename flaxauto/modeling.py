@@ -7,6 +7,7 @@ the checkpoint lacks (a new head, a pooler) is initialised, by transformers' rul
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
@@ -117,10 +118,16 @@ class Model(nnx.Module):
 
     def generate(self, input_ids, attention_mask=None, *, generation_config=None, key=None, **kw):
         """Token ids [B * num_return_sequences, prompt + new] as transformers' generate returns
-        them (causal LMs): greedy, sampling or beam search, in one compiled program. See
-        flaxauto.generation.generate."""
+        them (a causal LM's prompt and its continuation; an encoder-decoder's decoder tokens,
+        its input_ids being the encoder's): greedy, sampling or beam search, in one compiled
+        program. See flaxauto.generation.generate."""
         from flaxauto import generation
 
+        options = [name for name in getattr(self.head, "generation_options", ()) if name in kw]
+        if options:  # a family's own generate keywords (Whisper's language=, task=)
+            generation_config = copy.deepcopy(generation_config or self.generation_config)
+            for name in options:
+                setattr(generation_config, name, kw.pop(name))
         return generation.generate(
             self, input_ids, attention_mask, generation_config=generation_config, key=key, **kw
         )
@@ -149,6 +156,17 @@ class Model(nnx.Module):
         """One token per row (tokens [R]) -> (DecodingState, next-token logits [R, V])."""
         return self._decoding_head().step(self.backbone, state, tokens)
 
+    def decoder_prompt(self, generation_config, batch_size: int, decoder_input_ids=None):
+        """An encoder-decoder's decoder prompt for generate [B, P] (numpy int32): the decoder
+        start token, or the caller's decoder_input_ids (see heads.seq2seq.Seq2SeqLMHead)."""
+        return self._decoding_head().decoder_prompt(
+            generation_config, batch_size, decoder_input_ids
+        )
+
+    def encoder_input_names(self) -> frozenset[str]:
+        """The inputs an encoder-decoder's encoder takes (its backbone's `encode` keywords)."""
+        return inputs.backbone_inputs(type(self.backbone), "encode").data
+
     def reorder(self, state: decoding.DecodingState, rows) -> decoding.DecodingState:
         """Row i of the new state is row rows[i] of `state` (rows [R'] int32)."""
         return state.reorder(rows)
@@ -176,7 +194,7 @@ class Model(nnx.Module):
 
     def _config_files(self, config) -> dict[str, str]:
         files = {"config.json": config.to_json_string(use_diff=True)}
-        if self.task == "causal-lm":  # transformers saves one beside every generative model
+        if self.can_generate():  # transformers saves one beside every generative model
             files["generation_config.json"] = self.generation_config.to_json_string(use_diff=True)
         return files
 
@@ -216,7 +234,9 @@ def initialize_abstract(model: Model, seed: int, mesh=None, rules=None) -> list[
     rules, RNG streams keys from `seed`. Returns the PyTorch names of the tensors initialised."""
     from flaxauto.sharding import resolve_rules, variable_sharding
 
-    std = getattr(model.config, "initializer_range", 0.02)
+    # transformers' init scale: initializer_range, or init_std (BART, Whisper and their kin)
+    scales = (getattr(model.config, name, None) for name in ("initializer_range", "init_std"))
+    std = next((scale for scale in scales if scale is not None), 0.02)
     initialised, fresh = [], set()  # a stacked variable serves several slots: init it once
     for index, (name, slot) in enumerate(parameter_slots(model).items()):
         abstract = slot.variable.get_value()
@@ -351,7 +371,7 @@ def from_pretrained(
     model.static.placement = (mesh, rules)  # where init_cache puts a cache by default
     _report(model, info)
     model.eval()
-    if checkpoint.generation_config_path is not None and task == "causal-lm":
+    if checkpoint.generation_config_path is not None and model.can_generate():
         from transformers.generation.configuration_utils import GenerationConfig
 
         path = checkpoint.generation_config_path

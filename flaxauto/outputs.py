@@ -87,3 +87,52 @@ class Wav2Vec2BaseModelOutput(BaseModelOutput):
 @struct.dataclass
 class CausalLMOutput(_TaskOutput):
     logits: Array = None  # [B, T, V]: per-frame CTC logits for speech recognition
+
+
+@struct.dataclass
+class BaseModelOutputWithPastAndCrossAttentions(BaseModelOutputWithPast):
+    """A decoder with cross attention (an encoder-decoder's `decode`)."""
+
+    cross_attentions: tuple[Array, ...] | None = None  # every layer, each [B, H, T, S_enc]
+
+
+@struct.dataclass
+class _Seq2SeqFields(_Output):
+    """What an encoder-decoder returns besides its task fields, by transformers' names."""
+
+    cache: object = None  # flaxauto.decoder.EncoderDecoderCache, when the forward was given one
+    decoder_hidden_states: tuple[Array, ...] | None = None  # each [B, T_dec, E]
+    decoder_attentions: tuple[Array, ...] | None = None  # each [B, H, T_dec, T_dec]
+    cross_attentions: tuple[Array, ...] | None = None  # each [B, H, T_dec, S_enc]
+    encoder_last_hidden_state: Array | None = None  # [B, S_enc, E]
+    encoder_hidden_states: tuple[Array, ...] | None = None  # each [B, S_enc, E]
+    encoder_attentions: tuple[Array, ...] | None = None  # each [B, H, S_enc, S_enc]
+
+    @property
+    def past_key_values(self):
+        """transformers' name for the cache."""
+        return self.cache
+
+
+@struct.dataclass
+class Seq2SeqModelOutput(_Seq2SeqFields):
+    last_hidden_state: Array = None  # [B, T_dec, E]: the decoder's
+
+
+@struct.dataclass
+class Seq2SeqLMOutput(_Seq2SeqFields):
+    loss: Array | None = None
+    logits: Array = None  # [B, T_dec, V]
+
+
+@struct.dataclass
+class Seq2SeqSequenceClassifierOutput(_Seq2SeqFields):
+    loss: Array | None = None
+    logits: Array = None  # [B, num_labels]
+
+
+@struct.dataclass
+class Seq2SeqQuestionAnsweringModelOutput(_Seq2SeqFields):
+    loss: Array | None = None
+    start_logits: Array = None  # [B, T_dec]
+    end_logits: Array = None  # [B, T_dec]

@@ -70,6 +70,8 @@ BUILTIN_FAMILIES: dict[str, str] = {
     "qwen2": "llama",
     "wav2vec2": "wav2vec2",
     "hubert": "wav2vec2",
+    "bart": "bart",
+    "whisper": "whisper",
 }
 
 

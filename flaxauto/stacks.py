@@ -131,7 +131,14 @@ def run_layers(
         if new_state is not None:
             nnx.update(layer_stack.block, new_state)
         all_hidden = None if stacked_hidden is None else [hidden_states, *stacked_hidden]
-        all_probs = None if stacked_probs is None else list(stacked_probs)
+        # per layer, whatever a layer returns as its probabilities (an array, or a decoder's
+        # (self, cross) pair)
+        all_probs = None
+        if stacked_probs is not None:
+            all_probs = [
+                jax.tree.map(lambda x, i=i: x[i], stacked_probs)
+                for i in range(layer_stack.num_layers)
+            ]
     else:
         last, all_hidden, all_probs, new_items = hidden_states, [hidden_states], [], []
         for index, layer in enumerate(layer_stack):

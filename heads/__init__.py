@@ -9,6 +9,11 @@ from flaxauto.heads.classification import (
     TokenClassificationHead,
 )
 from flaxauto.heads.language_modeling import CausalLMHead, MaskedLMHead
+from flaxauto.heads.seq2seq import (
+    Seq2SeqLMHead,
+    Seq2SeqQuestionAnsweringHead,
+    Seq2SeqSequenceClassificationHead,
+)
 
 __all__ = [
     "CausalLMHead",
@@ -18,6 +23,9 @@ __all__ = [
     "NextSentencePredictionHead",
     "PooledProjection",
     "QuestionAnsweringHead",
+    "Seq2SeqLMHead",
+    "Seq2SeqQuestionAnsweringHead",
+    "Seq2SeqSequenceClassificationHead",
     "SequenceClassificationHead",
     "TokenClassificationHead",
     "pool",

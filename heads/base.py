@@ -11,6 +11,7 @@ from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from flaxauto import layers
@@ -56,10 +57,13 @@ def pool(
     attention_mask=None,
     input_ids=None,
     pad_token_id: int | None = None,
+    eos_token_id: int | None = None,
 ) -> jax.Array:
     """One vector per sequence [B, E] from the backbone output."""
     if pooling == "last_token":
         return _last_non_padding(features.last_hidden_state, input_ids, pad_token_id)
+    if pooling == "last_eos":
+        return _last_eos(features.last_hidden_state, input_ids, eos_token_id)
     if pooling == "pooler":
         return features.pooler_output
     if pooling == "first":
@@ -90,6 +94,29 @@ def _last_non_padding(hidden, input_ids, pad_token_id) -> jax.Array:
     return jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0]
 
 
+def _last_eos(hidden, input_ids, eos_token_id) -> jax.Array:
+    """BART's classifiers: each row's last eos token (read from input_ids). transformers refuses
+    rows with different numbers of eos tokens, or none; so does this, where input_ids are
+    concrete (under jit they are not, and each row's last eos is pooled, its last position if
+    it has none)."""
+    if input_ids is None:
+        raise NotImplementedError(
+            "Passing input embeddings is currently not supported for eos-pooled sequence "
+            "classification (BartForSequenceClassification)"
+        )
+    is_eos = jnp.asarray(input_ids) == eos_token_id  # [B, T]
+    if not isinstance(is_eos, jax.core.Tracer):
+        counts = np.asarray(is_eos).sum(axis=1)
+        if len(np.unique(counts)) > 1:
+            raise ValueError("All examples must have the same number of <eos> tokens.")
+        if counts.min() < 1:
+            raise ValueError("Each example must contain at least one <eos> token.")
+    length = is_eos.shape[1]
+    positions = jnp.arange(length, dtype=jnp.int32)[None, :]
+    last = jnp.max(jnp.where(is_eos, positions, -1), axis=-1) % length  # [B]
+    return jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0]
+
+
 class PooledProjection(nnx.Module):
     """Pool, optionally dense + activation, dropout, then the output projection `out`.
 
@@ -113,6 +140,7 @@ class PooledProjection(nnx.Module):
         hidden = config.hidden_size
         self.pooling = pooling
         self.pad_token_id = config.pad_token_id if pooling == "last_token" else None
+        self.eos_token_id = config.eos_token_id if pooling == "last_eos" else None
         rate = classifier_dropout_rate(config) if dropout_rate is None else dropout_rate
         self.dropout = layers.dropout(rate, rngs)
         self.dropout_before_dense = dropout_before_dense
@@ -126,7 +154,10 @@ class PooledProjection(nnx.Module):
         )
 
     def __call__(self, features: BaseModelOutput, attention_mask=None, input_ids=None):
-        x = pool(features, self.pooling, attention_mask, input_ids, self.pad_token_id)
+        x = pool(
+            features, self.pooling, attention_mask, input_ids, self.pad_token_id,
+            self.eos_token_id,
+        )  # fmt: skip
         if self.dense is not None:
             if self.dropout_before_dense:
                 x = self.dropout(x)

@@ -78,6 +78,14 @@ TINY_CONFIGS["hubert"] = dict(
     ctc_loss_reduction="mean",
 )  # fmt: skip
 
+TINY_CONFIGS["whisper"] = dict(
+    vocab_size=99, d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+    decoder_attention_heads=4, encoder_ffn_dim=37, decoder_ffn_dim=37, num_mel_bins=8,
+    max_source_positions=12, max_target_positions=32, pad_token_id=0, bos_token_id=1,
+    eos_token_id=2, decoder_start_token_id=3, suppress_tokens=None, begin_suppress_tokens=None,
+    classifier_proj_size=12, num_labels=3, init_std=INITIALIZER_RANGE,
+)  # fmt: skip
+
 #: Tiny configs for model_types no family serves yet (TINY_CONFIGS holds the served ones, which
 #: other tests iterate as "every family"). The factories below are checked against transformers'
 #: PyTorch models built from them (tests/test_references.py); a family that registers one of these
@@ -89,20 +97,13 @@ _PATCHES = dict(
 )  # fmt: skip
 PROBE_CONFIGS["vit"] = dict(_PATCHES)
 PROBE_CONFIGS["videomae"] = dict(_PATCHES, num_frames=4, tubelet_size=2)
-PROBE_CONFIGS["whisper"] = dict(
-    vocab_size=99, d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
-    decoder_attention_heads=4, encoder_ffn_dim=37, decoder_ffn_dim=37, num_mel_bins=8,
-    max_source_positions=12, max_target_positions=32, pad_token_id=0, bos_token_id=1,
-    eos_token_id=2, decoder_start_token_id=3, suppress_tokens=None, begin_suppress_tokens=None,
-    classifier_proj_size=12, num_labels=3, init_std=INITIALIZER_RANGE,
-)  # fmt: skip
 # T5 scales its init by fan-in: the default already gives attention far from uniform
 PROBE_CONFIGS["t5"] = dict(
     vocab_size=99, d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4,
     relative_attention_num_buckets=8, relative_attention_max_distance=16, pad_token_id=0,
     eos_token_id=1, decoder_start_token_id=0,
 )  # fmt: skip
-PROBE_CONFIGS["bart"] = dict(
+TINY_CONFIGS["bart"] = dict(
     vocab_size=99, d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
     decoder_attention_heads=4, encoder_ffn_dim=37, decoder_ffn_dim=37, max_position_embeddings=64,
     pad_token_id=1, bos_token_id=0, eos_token_id=2, decoder_start_token_id=2, num_labels=3,
@@ -143,6 +144,14 @@ MODALITIES = {
 #: Decoders are fed left-padded batches (as for generation). A padding position is a query with
 #: nothing to attend to, so its outputs are undefined: tests compare real tokens only.
 DECODERS = {"gpt2", "llama", "mistral", "qwen2"}
+
+#: Encoder-decoders whose tokenizers end every row with one eos token (BART's classifiers pool
+#: the decoder output there).
+EOS_ENDED = {"bart", "mbart"}
+
+#: Tasks whose encoder-decoder classes build their decoder inputs from input_ids (BART's
+#: classifiers pool at input_ids' eos positions): their batches carry no decoder inputs.
+DECODER_FROM_INPUT_IDS = {"sequence-classification", "question-answering"}
 
 #: Families whose backbone takes token_type_ids.
 USES_TOKEN_TYPES = {"bert", "roberta", "xlm-roberta"}
@@ -220,6 +229,10 @@ def _text(model_type: str, task: str, config, rng, batch: int) -> dict[str, np.n
     if model_type in DECODERS:
         mask = mask[..., ::-1].copy()  # left padding
     ids = np.where(mask == 1, rng.integers(2, config.vocab_size, size=shape), pad)
+    if model_type in EOS_ENDED:  # eos at each row's end, nowhere else
+        eos = config.eos_token_id
+        ids = np.where(ids == eos, eos + 1, ids)
+        np.put_along_axis(ids, mask.sum(axis=-1, keepdims=True) - 1, eos, axis=-1)
     inputs = {"input_ids": ids, "attention_mask": mask}
     if model_type in USES_TOKEN_TYPES:
         inputs["token_type_ids"] = rng.integers(0, config.type_vocab_size, size=shape) * mask
@@ -355,7 +368,7 @@ def task_inputs(
     config = config if config is not None else tiny_config(model_type, task)
     factory = INPUT_FACTORIES[MODALITIES.get(model_type, "text")]
     inputs = factory(model_type, task, config, rng, batch)
-    if takes_decoder_inputs(model_type, task):
+    if takes_decoder_inputs(model_type, task) and task not in DECODER_FROM_INPUT_IDS:
         inputs.update(decoder_inputs(config, rng, batch))
     return inputs
 

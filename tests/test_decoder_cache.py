@@ -83,10 +83,10 @@ class CrossDecoderLayer(nnx.Module):
 
         q = layers.split_heads(self.cross_q(self.norms[1](hidden)), HEADS)
         k, v, layer_cache = step.cross_keys_values(layer_cache, project)
-        context, _ = layers.dot_product_attention(q, k, v, step.cross_bias, **attention)
+        context, cross_probs = layers.dot_product_attention(q, k, v, step.cross_bias, **attention)
         hidden = hidden + self.cross_o(layers.merge_heads(context))
         hidden = hidden + self.fc2(jax.nn.gelu(self.fc1(self.norms[2](hidden))))
-        return hidden, probs, layer_cache
+        return hidden, (probs, cross_probs), layer_cache  # a cross decoder's layers: both
 
 
 class CrossDecoder(DecoderBackbone):

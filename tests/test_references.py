@@ -35,11 +35,9 @@ from references import (
 PROBES = {
     "vit": ("base", "image-classification"),
     "videomae": ("base", "video-classification"),
-    "whisper": ("base", "speech-seq2seq", "audio-classification"),
     "detr": ("base", "object-detection"),
     "tapas": ("base", "table-question-answering"),
     "t5": ("base", "seq2seq-lm"),
-    "bart": ("base", "seq2seq-lm"),
 }
 PROBE_PAIRS = [(model_type, task) for model_type, tasks in PROBES.items() for task in tasks]
 

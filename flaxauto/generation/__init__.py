@@ -17,6 +17,13 @@ flaxauto.generation.processors); eos_token_id (int or list), pad_token_id, max_n
 max_length, left-padded batches; return_dict_in_generate with output_scores and
 output_logits (flaxauto.generation.outputs.GenerateOutput). Any other active setting raises
 NotImplementedError naming it.
+
+Encoder-decoders (AutoModelForSeq2SeqLM, AutoModelForSpeechSeq2Seq): the first argument and
+attention_mask (and any other keyword the model's encoder takes, such as input_features) are the
+encoder's; the encoder runs once, inside the program, and beam search copies its cross-attention
+cache to the beams. The decoder prompt is the model's `decoder_prompt`: decoder_start_token_id
+(else bos_token_id), or the caller's decoder_input_ids behind it; the result is that prompt and
+its continuation, and max_length / min_length count decoder tokens, as in transformers.
 """
 
 from __future__ import annotations
@@ -28,7 +35,11 @@ from flax import nnx
 from flaxauto.generation import beam_search, greedy
 from flaxauto.generation.outputs import GenerateOutput, per_step
 from flaxauto.generation.settings import plan as make_plan
-from flaxauto.generation.settings import prepare, resolve_generation_config
+from flaxauto.generation.settings import (
+    prepare,
+    prepare_encoder_decoder,
+    resolve_generation_config,
+)
 
 
 def generate(model, input_ids, attention_mask=None, *, generation_config=None, key=None, **kwargs):
@@ -42,27 +53,36 @@ def generate(model, input_ids, attention_mask=None, *, generation_config=None, k
     """
     if not model.can_generate():
         raise TypeError(
-            f"generate() needs a generative model (a causal LM: AutoModelForCausalLM), not "
+            f"generate() needs a generative model (a causal LM, or an encoder-decoder's "
+            f"AutoModelForSeq2SeqLM / AutoModelForSpeechSeq2Seq), not "
             f"{model.task}"
         )
-    if getattr(model.config, "is_encoder_decoder", False):
-        # the protocol serves them; what generate lacks is their decoder prompt
-        # (decoder_start_token_id) and the split of the inputs between encoder and decoder
-        raise NotImplementedError("generate() for an encoder-decoder model is not implemented")
+    encoder_decoder = bool(getattr(model.config, "is_encoder_decoder", False))
+    if encoder_decoder:  # the encoder's inputs and the decoder's prompt leave the settings
+        decoder_input_ids = kwargs.pop("decoder_input_ids", None)
+        names = model.encoder_input_names()
+        encoder_inputs = {k: kwargs.pop(k) for k in list(kwargs) if k in names}
     config, default_max_length = resolve_generation_config(model, generation_config, **kwargs)
     plan = make_plan(config)
-    prompt = prepare(model, config, plan, default_max_length, input_ids, attention_mask)
+    if encoder_decoder:
+        prompt, encoder_inputs = prepare_encoder_decoder(
+            model, config, plan, default_max_length, input_ids, attention_mask,
+            decoder_input_ids, encoder_inputs,
+        )  # fmt: skip
+    else:
+        prompt = prepare(model, config, plan, default_max_length, input_ids, attention_mask)
+        encoder_inputs = {}
     graphdef, state = nnx.split(model)
     if config.num_beams > 1:
         sequences, sequences_scores, beam_indices, steps, kept = beam_search.generate(
-            graphdef, state, config, plan, prompt
+            graphdef, state, config, plan, prompt, encoder_inputs
         )
     else:
         if key is None:
             key = jax.random.key(np.random.SeedSequence().entropy % (2**32))
         tokens, steps, kept = greedy.decode(
             graphdef, plan, prompt.cache_length, state, prompt.ids, prompt.mask,
-            prompt.scalars, key,
+            prompt.scalars, key, encoder_inputs,
         )  # fmt: skip
         steps = int(steps)
         sequences = tokens[:, prompt.padding : prompt.ids.shape[1] + steps]

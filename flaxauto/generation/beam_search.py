@@ -87,7 +87,7 @@ def beam_settings(config, plan: Plan, cache_length: int) -> BeamSettings:
     )
 
 
-def generate(graphdef, state, config, plan: Plan, prompt: Prompt):
+def generate(graphdef, state, config, plan: Plan, prompt: Prompt, encoder_inputs=None):
     """-> (token ids [B * num_return_sequences, prompt + generated], each row's best first;
     their scores [B * num_return_sequences]; under plan.beam_indices the row each of their tokens
     was chosen from [B * num_return_sequences, generated], else None; the number of steps run;
@@ -96,7 +96,7 @@ def generate(graphdef, state, config, plan: Plan, prompt: Prompt):
     settings = beam_settings(config, plan, prompt.cache_length)
     tokens, finished_scores, lengths, beams, steps, kept = _search(
         graphdef, plan, int(config.num_beams), prompt.cache_length, state, prompt.ids,
-        prompt.mask, prompt.scalars, settings,
+        prompt.mask, prompt.scalars, settings, encoder_inputs or {},
     )  # fmt: skip
     returned = config.num_return_sequences or 1
     tokens = tokens[:, :returned].reshape(-1, tokens.shape[-1])  # [B * R, S]
@@ -109,9 +109,10 @@ def generate(graphdef, state, config, plan: Plan, prompt: Prompt):
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "plan", "num_beams", "cache_length"))
 def _search(graphdef, plan, num_beams: int, cache_length: int, state, ids, mask, scalars,
-            settings: BeamSettings):  # fmt: skip
+            settings: BeamSettings, encoder_inputs):  # fmt: skip
     """ids, mask [B, P] (left-padded to the bucket P); scalars: prompt length as the caller sees
-    it, max_length, min_length. Returns the finished hypotheses [B, N, S] (best first), their
+    it, max_length, min_length; encoder_inputs: an encoder-decoder's (empty for a causal LM):
+    the encoder runs once per prompt row, before the state is copied to the beams. Returns the finished hypotheses [B, N, S] (best first), their
     scores and generated lengths [B, N], their beam indices (or None), the number of steps run and
     the record of each step (see `generate`)."""
     prompt_length, max_length = scalars[0], scalars[1]
@@ -119,7 +120,7 @@ def _search(graphdef, plan, num_beams: int, cache_length: int, state, ids, mask,
     model.eval()
     batch, prompt_bucket = ids.shape
     n = num_beams
-    decoding, logits = model.start(ids, mask, cache_length=cache_length)
+    decoding, logits = model.start(ids, mask, cache_length=cache_length, **encoder_inputs)
     every_beam = jnp.repeat(jnp.arange(batch), n)  # [B * N]: the row each beam belongs to
     tokens = jnp.full((batch, n, cache_length), settings.fill_token_id, jnp.int32)
     tokens = tokens.at[:, :, :prompt_bucket].set(

@@ -34,16 +34,17 @@ class _Carry:
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "plan", "cache_length"))
-def decode(graphdef, plan: Plan, cache_length: int, state, ids, mask, scalars, key):
+def decode(graphdef, plan: Plan, cache_length: int, state, ids, mask, scalars, key, encoder_inputs):
     """ids, mask [B, P] (left-padded to the bucket P); scalars: prompt length as the caller sees
-    it, max_length, min_length. Returns tokens [B, S], the number of tokens generated and the
+    it, max_length, min_length; encoder_inputs: an encoder-decoder's encoder inputs (a dict of
+    arrays, empty for a causal LM), which the model's start runs once. Returns tokens [B, S], the number of tokens generated and the
     record: under plan.output_scores / output_logits each step's processed scores / raw logits
     ([S - P, B, V] under "scores" / "logits"), else None."""
     prompt_length, max_length = scalars[0], scalars[1]
     model = nnx.merge(graphdef, state)
     model.eval()
     batch, prompt_bucket = ids.shape
-    decoding, logits = model.start(ids, mask, cache_length=cache_length)
+    decoding, logits = model.start(ids, mask, cache_length=cache_length, **encoder_inputs)
     tokens = jnp.full((batch, cache_length), plan.pad_token_id, jnp.int32)
     steps = cache_length - prompt_bucket  # the most tokens the buffer takes
     carry = _Carry(

@@ -236,6 +236,7 @@ class Prompt:
 
 
 def prepare(model, config, plan: Plan, default_max_length: bool, input_ids, attention_mask):
+    """A causal LM's prompt: input_ids and their mask (by default: pad tokens masked)."""
     ids = np.asarray(input_ids, dtype=np.int32)
     if ids.ndim != 2:
         raise ValueError(f"input_ids must be [batch, length], got shape {ids.shape}")
@@ -243,9 +244,46 @@ def prepare(model, config, plan: Plan, default_max_length: bool, input_ids, atte
         mask = _default_mask(ids, plan, config.pad_token_id)
     else:
         mask = np.asarray(attention_mask, dtype=np.int32)
+    return _bucketed(model, config, plan, default_max_length, ids, mask, MIN_PROMPT_BUCKET)
+
+
+def prepare_encoder_decoder(
+    model, config, plan: Plan, default_max_length: bool, inputs, attention_mask,
+    decoder_input_ids, encoder_inputs: dict,
+):  # fmt: skip
+    """An encoder-decoder's prompt -> (the decoder prompt, the encoder's inputs).
+
+    inputs: the encoder's main input (input_ids, input_features, ...) or None when it comes
+    by name in encoder_inputs; attention_mask the encoder's (by default, for input_ids: pad
+    tokens masked, as transformers). The decoder prompt is the model's (decoder_start_token_id,
+    or decoder_input_ids); max_length and min_length count decoder tokens, as transformers."""
+    main = model.family.main_input_name
+    encoder_inputs = dict(encoder_inputs)
+    if inputs is not None:
+        if main in encoder_inputs:
+            raise TypeError(f"got {main} both by position and by name")
+        encoder_inputs[main] = inputs
+    if main not in encoder_inputs and "inputs_embeds" not in encoder_inputs:
+        raise ValueError(f"generate() needs the encoder's {main}")
+    if attention_mask is not None:
+        encoder_inputs["attention_mask"] = attention_mask
+    elif main == "input_ids" and main in encoder_inputs:
+        ids = np.asarray(encoder_inputs[main])
+        if "attention_mask" in model.encoder_input_names():
+            encoder_inputs["attention_mask"] = _default_mask(ids, plan, config.pad_token_id)
+    encoder_inputs = {k: jnp.asarray(v) for k, v in encoder_inputs.items() if v is not None}
+    batch = encoder_inputs[next(iter(encoder_inputs))].shape[0]
+    ids = np.asarray(model.decoder_prompt(config, batch, decoder_input_ids), np.int32)
+    # transformers attends every token of the decoder prompt (no decoder attention mask)
+    mask = np.ones_like(ids)
+    prompt = _bucketed(model, config, plan, default_max_length, ids, mask, 1)
+    return prompt, encoder_inputs
+
+
+def _bucketed(model, config, plan, default_max_length, ids, mask, minimum_bucket: int):
     prompt = ids.shape[1]
     max_length, min_length = _lengths(model, config, default_max_length, prompt)
-    prompt_bucket = bucket(prompt)
+    prompt_bucket = bucket(prompt, minimum_bucket)
     extra = ((0, 0), (prompt_bucket - prompt, 0))  # more left padding: masked, never attended
     return Prompt(
         ids=np.pad(ids, extra, constant_values=plan.pad_token_id),
