@@ -537,18 +537,19 @@ def _spatial_dims(kernel_size, spatial_dims: int | None) -> int:
     return spatial_dims
 
 
-def conv_padding(padding, kernel_size, dilation) -> list[tuple[int, int]]:
+def conv_padding(padding, kernel_size, dilation) -> tuple[tuple[int, int], ...]:
     """torch's Conv padding (an int, one int per dimension, "valid" or "same") as (low, high)
-    pairs. "same" puts the odd element at the end, as torch does."""
+    pairs. "same" puts the odd element at the end, as torch does. A tuple: modules keep it as a
+    static attribute, which jit hashes with the graph definition."""
     n = len(kernel_size)
     if padding == "valid":
-        return [(0, 0)] * n
+        return ((0, 0),) * n
     if padding == "same":
         totals = [d * (k - 1) for k, d in zip(kernel_size, dilation, strict=True)]
-        return [(t // 2, t - t // 2) for t in totals]
+        return tuple((t // 2, t - t // 2) for t in totals)
     if isinstance(padding, str):
         raise NotImplementedError(f"padding={padding!r} is not implemented")
-    return [(p, p) for p in _spatial(padding, n, "padding")]
+    return tuple((p, p) for p in _spatial(padding, n, "padding"))
 
 
 def conv(
