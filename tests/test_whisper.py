@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 import torch
 import transformers
+from test_speech import SAMPLING_RATE, chirp
 
 import flaxauto
 from references import max_diff, run_torch, task_inputs, torch_model
-from test_speech import SAMPLING_RATE, chirp
 
 #: A multilingual generation config in the shape of openai/whisper-*'s generation_config.json.
 #: The no-timestamps token is the last id, so that no id of this vocabulary is a timestamp.
@@ -116,13 +116,14 @@ def test_long_form_is_refused(whisper):
 def test_feature_extractor_to_flaxauto_equals_transformers(tmp_path):
     """Two chirps through WhisperFeatureExtractor (log-mel, padded to the window) into audio
     classification and speech-to-text: the same logits as transformers."""
-    config = torch_model("whisper", "base").config
-    window_seconds = 2 * config.max_source_positions * 160 / SAMPLING_RATE  # hop of 160 samples
+    # a 1 s window (100 frames of 10 ms) instead of 30 s: 50 encoder positions
+    window = dict(max_source_positions=50)
+    config = torch_model("whisper", "base", **window).config
     extractor = transformers.WhisperFeatureExtractor(
-        feature_size=config.num_mel_bins, chunk_length=window_seconds
+        feature_size=config.num_mel_bins, chunk_length=1
     )
     batch = extractor(
-        [chirp(0.1), chirp(0.2, 500, 4000)], sampling_rate=SAMPLING_RATE, return_tensors="np"
+        [chirp(0.4), chirp(0.7, 500, 4000)], sampling_rate=SAMPLING_RATE, return_tensors="np"
     )
     features = batch["input_features"]
     assert features.shape[-1] == 2 * config.max_source_positions
@@ -130,7 +131,7 @@ def test_feature_extractor_to_flaxauto_equals_transformers(tmp_path):
         ("audio-classification", flaxauto.AutoModelForAudioClassification),
         ("speech-seq2seq", flaxauto.AutoModelForSpeechSeq2Seq),
     ):
-        reference = torch_model("whisper", task)
+        reference = torch_model("whisper", task, **window)
         reference.save_pretrained(tmp_path / task)
         model = auto_class.from_pretrained(tmp_path / task)
         inputs = {"input_features": features}
