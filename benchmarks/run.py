@@ -27,6 +27,7 @@ BENCHMARKS = (
     "table",
     "seq2seq",
     "t5_decode",
+    "speech",
     "pipelines",
     "loading",
     "compile",

@@ -91,7 +91,7 @@ class Slot:
     # reported), "counter" (a statistic such as num_batches_tracked: zero when absent, silently)
     # or "head"
     part: str
-    # "normal", "zeros", "ones", "sinusoidal(-halves)", "kaiming_fan_out" or a float constant:
+    # "normal", "zeros", "ones", "sinusoidal(-halves, -timescales)", "kaiming_fan_out" or a float:
     # transformers' _init_weights
     init: str | float
     index: int | None = None  # the layer, for a variable stacked over layers (scan_layers)
@@ -245,6 +245,10 @@ def initial_value(slot: Slot, key: jax.Array, std: float) -> jax.Array:
         from flaxauto.layers import sinusoidal_table
 
         return sinusoidal_table(*shape, halves=slot.init == "sinusoidal-halves").astype(dtype)
+    if slot.init == "sinusoidal-timescales":  # Whisper's encoder positions
+        from flaxauto.layers import sinusoidal_timescales_table
+
+        return sinusoidal_timescales_table(*shape).astype(dtype)
     if slot.init == "normal":
         return (std * jax.random.normal(key, shape, jnp.float32)).astype(dtype)
     if slot.init == "kaiming_fan_out":  # torch's kaiming_normal_(mode="fan_out"), for ReLU

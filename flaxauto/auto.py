@@ -1,4 +1,4 @@
-"""The fifteen Auto classes: the top layer, over the registry and the model.
+"""The Auto classes: the top layer, over the registry and the model.
 
 `flaxauto.AutoModelForSequenceClassification.from_pretrained(path)` looks up the family of the
 checkpoint's model_type and the head for the class's task, and builds the model.
@@ -62,3 +62,4 @@ AutoModelForSpeechSeq2Seq = _auto_class("AutoModelForSpeechSeq2Seq")
 AutoModelForVideoClassification = _auto_class("AutoModelForVideoClassification")
 AutoModelForObjectDetection = _auto_class("AutoModelForObjectDetection")
 AutoModelForTableQuestionAnswering = _auto_class("AutoModelForTableQuestionAnswering")
+AutoModelForCTC = _auto_class("AutoModelForCTC")

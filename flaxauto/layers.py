@@ -244,6 +244,15 @@ def sinusoidal_table(num: int, features: int, *, halves: bool = False) -> jax.Ar
     return jnp.asarray(table.astype(np.float32))
 
 
+def sinusoidal_timescales_table(num: int, features: int) -> jax.Array:
+    """[num, features]: sin on the first half of the features, cos on the second, timescales
+    10000 ** (j / (features / 2 - 1)) (Whisper's encoder positions, transformers' `sinusoids`)."""
+    half = features // 2
+    inverse = np.exp(-np.log(10000.0) / (half - 1) * np.arange(half, dtype=np.float32))
+    angles = np.arange(num, dtype=np.float32)[:, None] * inverse[None, :]
+    return jnp.asarray(np.concatenate([np.sin(angles), np.cos(angles)], axis=1))
+
+
 def dropout(rate: float, rngs: nnx.Rngs) -> nnx.Dropout:
     return nnx.Dropout(rate, rngs=rngs)
 
@@ -534,18 +543,19 @@ def _spatial_dims(kernel_size, spatial_dims: int | None) -> int:
     return spatial_dims
 
 
-def conv_padding(padding, kernel_size, dilation) -> list[tuple[int, int]]:
+def conv_padding(padding, kernel_size, dilation) -> tuple[tuple[int, int], ...]:
     """torch's Conv padding (an int, one int per dimension, "valid" or "same") as (low, high)
-    pairs. "same" puts the odd element at the end, as torch does."""
+    pairs. "same" puts the odd element at the end, as torch does. A tuple: modules keep it as a
+    static attribute, which jit hashes with the graph definition."""
     n = len(kernel_size)
     if padding == "valid":
-        return [(0, 0)] * n
+        return ((0, 0),) * n
     if padding == "same":
         totals = [d * (k - 1) for k, d in zip(kernel_size, dilation, strict=True)]
-        return [(t // 2, t - t // 2) for t in totals]
+        return tuple((t // 2, t - t // 2) for t in totals)
     if isinstance(padding, str):
         raise NotImplementedError(f"padding={padding!r} is not implemented")
-    return [(p, p) for p in _spatial(padding, n, "padding")]
+    return tuple((p, p) for p in _spatial(padding, n, "padding"))
 
 
 def conv(

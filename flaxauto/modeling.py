@@ -129,6 +129,11 @@ class Model(nnx.Module):
         program. See flaxauto.generation.generate."""
         from flaxauto import generation
 
+        options = [name for name in getattr(self.head, "generation_options", ()) if name in kw]
+        if options:  # a family's own generate keywords (Whisper's language=, task=)
+            generation_config = copy.deepcopy(generation_config or self.generation_config)
+            for name in options:
+                setattr(generation_config, name, kw.pop(name))
         return generation.generate(
             self, input_ids, attention_mask, generation_config=generation_config, key=key, **kw
         )

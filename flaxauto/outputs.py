@@ -134,6 +134,15 @@ class TableQuestionAnsweringOutput(_TaskOutput):
     logits_aggregation: Array | None = None  # [B, num_aggregation_labels], when the head has one
 
 
+class Wav2Vec2BaseModelOutput(BaseModelOutput):
+    extract_features: Array | None = None  # [B, T, C]: the feature encoder's output, normalised
+
+
+@struct.dataclass
+class CausalLMOutput(_TaskOutput):
+    logits: Array = None  # [B, T, V]: per-frame CTC logits for speech recognition
+
+
 @struct.dataclass
 class BaseModelOutputWithPastAndCrossAttentions(BaseModelOutputWithPast):
     """A decoder with cross attention (an encoder-decoder's `decode`)."""

@@ -33,6 +33,7 @@ AUTO_CLASS_TASKS: dict[str, str] = {
     "AutoModelForVideoClassification": "video-classification",
     "AutoModelForObjectDetection": "object-detection",
     "AutoModelForTableQuestionAnswering": "table-question-answering",
+    "AutoModelForCTC": "ctc",
 }
 TASK_AUTO_CLASSES = {task: name for name, task in AUTO_CLASS_TASKS.items()}
 
@@ -54,6 +55,7 @@ TRANSFORMERS_MAPPINGS = {
     "video-classification": "MODEL_FOR_VIDEO_CLASSIFICATION_MAPPING_NAMES",
     "object-detection": "MODEL_FOR_OBJECT_DETECTION_MAPPING_NAMES",
     "table-question-answering": "MODEL_FOR_TABLE_QUESTION_ANSWERING_MAPPING_NAMES",
+    "ctc": "MODEL_FOR_CTC_MAPPING_NAMES",
 }
 
 #: built-in model_type -> the module under flaxauto.models that registers it
@@ -80,6 +82,9 @@ BUILTIN_FAMILIES: dict[str, str] = {
     "t5": "t5",
     "mt5": "t5",
     "umt5": "t5",
+    "wav2vec2": "wav2vec2",
+    "hubert": "wav2vec2",
+    "whisper": "whisper",
 }
 
 

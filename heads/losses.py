@@ -65,3 +65,55 @@ def causal_lm_loss(logits: jax.Array, labels):
     no_target = jnp.full((*labels.shape[:-1], 1), IGNORE_INDEX, labels.dtype)
     targets = jnp.concatenate([labels[..., 1:], no_target], axis=-1)
     return cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+
+
+CTC_REDUCTIONS = ("mean", "sum", "none")
+
+
+def ctc_loss(
+    logits: jax.Array,
+    logit_lengths: jax.Array,
+    labels: jax.Array,
+    *,
+    blank_id: int,
+    reduction: str = "mean",
+    zero_infinity: bool = False,
+    ignore_index: int = IGNORE_INDEX,
+):
+    """transformers' ForCTCLoss (torch.nn.functional.ctc_loss over log_softmax in float32).
+
+    logits [B, T, V]; logit_lengths [B]: each row's valid frames; labels [B, U], where -100 and the
+    blank are left out and the rest, in order, is the target. reduction "mean" divides each row's
+    loss by its target length (at least 1) and averages the rows; "sum" adds them; "none" keeps
+    them [B]. A target that no alignment fits in its frames has an infinite loss (0 with
+    zero_infinity), as in torch.
+    """
+    import optax
+
+    labels = jnp.asarray(labels)
+    keep = (labels != ignore_index) & (labels != blank_id)  # [B, U]
+    # the kept labels moved to the front of each row, in order (torch's masked_select)
+    order = jnp.argsort(jnp.logical_not(keep), axis=-1, stable=True)
+    packed_keep = jnp.take_along_axis(keep, order, axis=-1)
+    packed = jnp.where(packed_keep, jnp.take_along_axis(labels, order, axis=-1), 0)
+    target_lengths = jnp.sum(keep, axis=-1)  # [B]
+    frames = jnp.arange(logits.shape[1])[None, :]
+    per_row = optax.ctc_loss(
+        logits.astype(jnp.float32),
+        (frames >= logit_lengths[:, None]).astype(jnp.float32),
+        packed,
+        jnp.logical_not(packed_keep).astype(jnp.float32),
+        blank_id=blank_id,
+    )
+    # optax scores impossible alignments with a finite floor (log 0 -> -1e5) where torch gives
+    # inf: a target fits iff its frames cover each label plus a blank between repeated labels
+    repeats = jnp.sum(packed_keep[:, 1:] & (packed[:, 1:] == packed[:, :-1]), axis=-1)
+    fits = logit_lengths >= target_lengths + repeats
+    per_row = jnp.where(fits, per_row, jnp.inf if not zero_infinity else 0.0)
+    if reduction == "none":
+        return per_row
+    if reduction == "sum":
+        return jnp.sum(per_row)
+    if reduction == "mean":
+        return jnp.mean(per_row / jnp.maximum(target_lengths, 1).astype(jnp.float32))
+    raise NotImplementedError(f"ctc_loss_reduction={reduction!r} is not implemented")

@@ -101,26 +101,34 @@ TINY_CONFIGS["t5"] = dict(
 )  # fmt: skip
 TINY_CONFIGS["mt5"] = dict(TINY_CONFIGS["t5"], feed_forward_proj="gated-gelu")
 TINY_CONFIGS["umt5"] = dict(TINY_CONFIGS["t5"], feed_forward_proj="gated-gelu")
-
-#: Tiny configs for model_types no family serves yet (TINY_CONFIGS holds the served ones, which
-#: other tests iterate as "every family"). The factories below are checked against transformers'
-#: PyTorch models built from them (tests/test_references.py); a family that registers one of these
-#: model_types moves its entry into TINY_CONFIGS and gets the conformance suite with it.
-PROBE_CONFIGS: dict[str, dict] = {}
-PROBE_CONFIGS["wav2vec2"] = dict(
+#: wav2vec2 pre-norm with layer-normed convolutions and a weighted layer sum; HuBERT post-norm
+#: with a group-normed first convolution, conv biases off and an odd positional width
+TINY_CONFIGS["wav2vec2"] = dict(
     vocab_size=32, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
     intermediate_size=20, conv_dim=(32, 32, 32), conv_stride=(4, 4, 4), conv_kernel=(8, 8, 8),
     conv_bias=True, num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=2,
     feat_extract_norm="layer", do_stable_layer_norm=True, classifier_proj_size=12,
     use_weighted_layer_sum=True, num_labels=3, initializer_range=INITIALIZER_RANGE,
 )  # fmt: skip
-PROBE_CONFIGS["whisper"] = dict(
+TINY_CONFIGS["hubert"] = dict(
+    TINY_CONFIGS["wav2vec2"], conv_bias=False, num_conv_pos_embeddings=15,
+    feat_extract_norm="group", do_stable_layer_norm=False, use_weighted_layer_sum=False,
+    ctc_loss_reduction="mean",
+)  # fmt: skip
+
+TINY_CONFIGS["whisper"] = dict(
     vocab_size=99, d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
     decoder_attention_heads=4, encoder_ffn_dim=37, decoder_ffn_dim=37, num_mel_bins=8,
     max_source_positions=12, max_target_positions=32, pad_token_id=0, bos_token_id=1,
     eos_token_id=2, decoder_start_token_id=3, suppress_tokens=None, begin_suppress_tokens=None,
     classifier_proj_size=12, num_labels=3, init_std=INITIALIZER_RANGE,
 )  # fmt: skip
+
+#: Tiny configs for model_types no family serves yet (TINY_CONFIGS holds the served ones, which
+#: other tests iterate as "every family"). The factories below are checked against transformers'
+#: PyTorch models built from them (tests/test_references.py); a family that registers one of these
+#: model_types moves its entry into TINY_CONFIGS and gets the conformance suite with it.
+PROBE_CONFIGS: dict[str, dict] = {}
 TINY_CONFIGS["bart"] = dict(
     vocab_size=99, d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
     decoder_attention_heads=4, encoder_ffn_dim=37, decoder_ffn_dim=37, max_position_embeddings=64,
@@ -159,6 +167,7 @@ MODALITIES = {
     "beit": "image",
     "videomae": "video",
     "wav2vec2": "waveform",
+    "hubert": "waveform",
     "whisper": "log-mel",
     "detr": "padded-image",
     "tapas": "table",
@@ -198,6 +207,7 @@ TASK_FIELDS = {
 BATCH, CHOICES, LENGTH = 4, 2, 9
 DECODER_LENGTH = 7
 SAMPLES = 1024  # waveform length: 14 frames out of the tiny wav2vec2 feature encoder
+CTC_TARGETS = 5  # label length for CTC: fits the 6 frames of the shortest waveform (512 samples)
 
 
 def tiny_config(model_type: str, task: str = "base", **overrides):
@@ -491,6 +501,21 @@ def _table_question_answering(config, inputs, rng):
     return targets
 
 
+def _ctc(config, inputs, rng):
+    """Character ids [B, U] (never the blank, pad_token_id), padded with -100 as a CTC collator
+    pads them; no label repeats its neighbour, so every row's targets fit in its frames."""
+    labels = rng.integers(0, config.vocab_size, size=(_batch_size(inputs), CTC_TARGETS))
+    for position in range(CTC_TARGETS):
+        while True:
+            clash = labels[:, position] == config.pad_token_id
+            if position:
+                clash |= labels[:, position] == labels[:, position - 1]
+            if not clash.any():
+                break
+            labels[clash, position] = rng.integers(0, config.vocab_size, size=int(clash.sum()))
+    return {"labels": np.where(_padding_mask(labels.shape, rng) == 1, labels, -100)}
+
+
 LABEL_FACTORIES = {
     "sequence-classification": _one_per_example,
     "image-classification": _one_per_example,
@@ -506,6 +531,7 @@ LABEL_FACTORIES = {
     "speech-seq2seq": _seq2seq,
     "object-detection": _object_detection,
     "table-question-answering": _table_question_answering,
+    "ctc": _ctc,
 }
 
 

@@ -44,6 +44,11 @@ UNIMPLEMENTED = {
     "regnet": {"drop_path_rate": 0.1},
     "convnext": {"hidden_dropout_prob": 0.3},
     "tapas": {"position_embedding_type": "relative_key"},
+    # attention adapters (MMS checkpoints) and HuBERT's wav2vec2-only option
+    "wav2vec2": {"adapter_attn_dim": 8},
+    "hubert": {"add_adapter": True},
+    # a key transformers' BERT family reads, absent from Whisper's config
+    "whisper": {"pruned_heads": {0: [1]}},
     # BartForCausalLM's decoder alone
     "bart": {"is_decoder": True},
     "mbart": {"is_decoder": True},
@@ -81,9 +86,9 @@ def test_an_unknown_setting_is_refused_naming_it(model_type):
 def test_a_setting_the_family_does_not_implement_is_refused_naming_it(model_type):
     ((name, value),) = UNIMPLEMENTED[model_type].items()
     config = tiny_config(model_type, **{name: value})
-    auto_class = flaxauto.AutoModelForSequenceClassification
-    if "sequence-classification" not in flaxauto.supported()[model_type]:  # Pegasus
-        auto_class = flaxauto.AutoModel
+    tasks = registry.supported()[model_type]
+    task = "sequence-classification" if "sequence-classification" in tasks else tasks[-1]
+    auto_class = getattr(flaxauto, registry.TASK_AUTO_CLASSES[task])
     with pytest.raises(NotImplementedError, match=f"{name}="):
         auto_class.from_config(config)
     # the other architecture: an encoder-decoder switch on an encoder or decoder, or off

@@ -36,6 +36,8 @@ from references import (
 PROBES = {
     "wav2vec2": ("base", "audio-classification"),
     "whisper": ("base", "speech-seq2seq", "audio-classification"),
+    "vit": ("base", "image-classification"),
+    "videomae": ("base", "video-classification"),
     "detr": ("base", "object-detection"),
     "tapas": ("base", "table-question-answering"),
     "t5": ("base", "seq2seq-lm"),
