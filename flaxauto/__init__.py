@@ -22,10 +22,12 @@ from flaxauto.auto import (
     AutoModelForTokenClassification,
     AutoModelForVideoClassification,
 )
+from flaxauto.checkpoint import TrainingCheckpointer
 from flaxauto.converters.errors import CheckpointError, UnsafeCheckpointError
+from flaxauto.lora import load_lora, lora, merge_lora, save_lora
 from flaxauto.modeling import Model
 from flaxauto.registry import AUTO_CLASS_TASKS, ConfigAttr, HeadSpec, register, supported
-from flaxauto.sharding import make_mesh, shard_batch, shard_cache, shard_model
+from flaxauto.sharding import make_mesh, replicate, shard_batch, shard_cache, shard_model
 
 __version__ = "0.1.0"
 
@@ -50,9 +52,15 @@ __all__ = [
     "ConfigAttr",
     "HeadSpec",
     "Model",
+    "TrainingCheckpointer",
     "UnsafeCheckpointError",
+    "load_lora",
+    "lora",
     "make_mesh",
+    "merge_lora",
     "register",
+    "replicate",
+    "save_lora",
     "shard_batch",
     "shard_cache",
     "shard_model",

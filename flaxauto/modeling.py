@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
 
 from flaxauto import config_checks, decoding, inputs, layers, registry
 from flaxauto.converters.errors import CheckpointError
@@ -89,11 +90,23 @@ class Model(nnx.Module):
                 raise TypeError(f"got {main} both by position and by name")
             kwargs[main] = args[0]
         call = inputs.sort_inputs(kwargs, self.backbone, self.head, self.config)
-        if self.head is None:
-            return self.backbone(**call.data, **call.flags)
-        features = self.backbone(**self.head.prepare_inputs(call.data, call.labels), **call.flags)
-        head_inputs = call.data | call.head_inputs
-        return self.head(features, backbone=self.backbone, inputs=head_inputs, **call.labels)
+        with self._activation_sharding():
+            if self.head is None:
+                return self.backbone(**call.data, **call.flags)
+            prepared = self.head.prepare_inputs(call.data, call.labels)
+            features = self.backbone(**prepared, **call.flags)
+            head_inputs = call.data | call.head_inputs
+            return self.head(features, backbone=self.backbone, inputs=head_inputs, **call.labels)
+
+    def _activation_sharding(self):
+        """Activations traced under it carry sharding constraints from their logical axes, on
+        the mesh the model was loaded onto or shard_model placed it on (see layers.constrain)."""
+        mesh, rules = getattr(self.static, "placement", (None, None))
+        if mesh is None:
+            return layers.activation_sharding(None)
+        from flaxauto.sharding import activation_placer
+
+        return layers.activation_sharding(activation_placer(mesh, rules))
 
     def init_cache(self, batch_size: int, max_length: int, dtype=None, *, mesh=None, rules=None):
         """An empty KV cache of `max_length` slots (decoder families), for model(..., cache=):
@@ -143,11 +156,13 @@ class Model(nnx.Module):
         cache holds cache_length tokens (and is sharded on the mesh the model was loaded onto)."""
         head = self._decoding_head()
         cache = self.init_cache(prompt_ids.shape[0], cache_length)
-        return head.start(self.backbone, prompt_ids, prompt_mask, cache=cache, **encoder_inputs)
+        with self._activation_sharding():
+            return head.start(self.backbone, prompt_ids, prompt_mask, cache=cache, **encoder_inputs)
 
     def step(self, state: decoding.DecodingState, tokens):
         """One token per row (tokens [R]) -> (DecodingState, next-token logits [R, V])."""
-        return self._decoding_head().step(self.backbone, state, tokens)
+        with self._activation_sharding():
+            return self._decoding_head().step(self.backbone, state, tokens)
 
     def reorder(self, state: decoding.DecodingState, rows) -> decoding.DecodingState:
         """Row i of the new state is row rows[i] of `state` (rows [R'] int32)."""
@@ -160,6 +175,11 @@ class Model(nnx.Module):
         """Write config.json and model.safetensors (sharded past max_shard_size) in transformers'
         names and layouts. Files are written under temporary names and renamed at the end, so an
         interrupted save leaves an earlier checkpoint in the directory intact."""
+        if jax.tree.leaves(nnx.state(self, nnx.LoRAParam)):
+            raise ValueError(
+                "the model has LoRA adapters: flaxauto.merge_lora(model) folds them into the "
+                "weights before save_pretrained; flaxauto.save_lora(model, dir) saves them alone"
+            )
         config = self.config
         architecture = registry.transformers_class_name(config.model_type, self.task)
         config.architectures = [architecture] if architecture else None
@@ -234,7 +254,10 @@ def initialize_abstract(model: Model, seed: int, mesh=None, rules=None) -> list[
             initialised.append(name)
     for index, (path, variable) in enumerate(nnx.iter_graph(model)):
         if isinstance(variable, nnx.Variable) and layers.is_abstract(variable.get_value()):
-            variable.set_value(_rng_state(variable, seed, index, path))
+            value = _rng_state(variable, seed, index, path)
+            if mesh is not None:  # all of a model's state on its mesh: jit refuses a mix
+                value = jax.device_put(value, NamedSharding(mesh, PartitionSpec()))
+            variable.set_value(value)
     return initialised
 
 
