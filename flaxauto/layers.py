@@ -483,15 +483,14 @@ def attention_heads(
     key_source = source if key_positions is None else source + key_positions
     kv_heads = num_heads if num_kv_heads is None else num_kv_heads
     return (
-        constrain(split_heads(q_proj(query_source), num_heads), HEAD_AXES),
-        constrain(split_heads(k_proj(key_source), kv_heads), KV_HEAD_AXES),
-        constrain(split_heads(v_proj(source), kv_heads), KV_HEAD_AXES),
+        split_heads(q_proj(query_source), num_heads),
+        split_heads(k_proj(key_source), kv_heads),
+        split_heads(v_proj(source), kv_heads),
     )
 
 
-#: logical axes of attention's per-head activations, q [B, T, H, D] and k, v [B, S, K, D]
+#: logical axes of attention's per-head activations [B, T, H, D]
 HEAD_AXES = ("batch", "seq", "heads", None)
-KV_HEAD_AXES = ("batch", "seq", "kv_heads", None)
 #: logical axes of hidden states [B, T, E] between layers
 HIDDEN_AXES = ("batch", "seq", "embed")
 
@@ -540,8 +539,10 @@ def exactly_one(input_ids, inputs_embeds) -> None:
 
 
 def split_heads(x: Array, num_heads: int) -> Array:
-    """[B, T, H*D] -> [B, T, H, D]."""
-    return x.reshape(*x.shape[:-1], num_heads, x.shape[-1] // num_heads)
+    """[B, T, H*D] -> [B, T, H, D], constrained by HEAD_AXES on a placed model (a key/value
+    head axis splits as the query heads': every preset maps "heads" and "kv" alike)."""
+    heads = x.reshape(*x.shape[:-1], num_heads, x.shape[-1] // num_heads)
+    return constrain(heads, HEAD_AXES) if heads.ndim == len(HEAD_AXES) else heads
 
 
 def merge_heads(x: Array) -> Array:
