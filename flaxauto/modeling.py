@@ -234,7 +234,7 @@ def build_abstract(config, task: str, precision: layers.Precision, **execution) 
 def initialize_abstract(model: Model, seed: int, mesh=None, rules=None) -> list[str]:
     """Give every still-abstract variable a value: checkpoint tensors by transformers' init
     rules, RNG streams keys from `seed`. Returns the PyTorch names of the tensors initialised."""
-    from flaxauto.sharding import resolve_rules, variable_sharding
+    from flaxauto.sharding import put, resolve_rules, variable_sharding
 
     std = getattr(model.config, "initializer_range", 0.02)
     initialised, fresh = [], set()  # a stacked variable serves several slots: init it once
@@ -244,9 +244,7 @@ def initialize_abstract(model: Model, seed: int, mesh=None, rules=None) -> list[
             value = initial_value(slot, jax.random.fold_in(jax.random.key(seed), index), std)
             if mesh is not None:
                 rules = resolve_rules(rules)
-                value = jax.device_put(
-                    value, variable_sharding(slot.variable, abstract.shape, mesh, rules)
-                )
+                value = put(value, variable_sharding(slot.variable, abstract.shape, mesh, rules))
             slot.variable.set_value(value)
             if slot.part != "counter":  # a counter starts at zero unremarked, as in transformers
                 fresh.add(id(slot.variable))
@@ -256,7 +254,7 @@ def initialize_abstract(model: Model, seed: int, mesh=None, rules=None) -> list[
         if isinstance(variable, nnx.Variable) and layers.is_abstract(variable.get_value()):
             value = _rng_state(variable, seed, index, path)
             if mesh is not None:  # all of a model's state on its mesh: jit refuses a mix
-                value = jax.device_put(value, NamedSharding(mesh, PartitionSpec()))
+                value = put(value, NamedSharding(mesh, PartitionSpec()))
             variable.set_value(value)
     return initialised
 

@@ -99,12 +99,26 @@ def batch_sharding(mesh: Mesh, shape: Sequence[int]) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
 
 
+def put(value, sharding: NamedSharding) -> jax.Array:
+    """jax.device_put, also onto a mesh spanning several processes: there each process passes
+    the same whole value and places the blocks its own devices hold (typed PRNG keys too)."""
+    if sharding.is_fully_addressable:
+        return jax.device_put(value, sharding)
+    if jax.dtypes.issubdtype(getattr(value, "dtype", None), jax.dtypes.prng_key):
+        impl = jax.random.key_impl(value)
+        data = np.asarray(jax.random.key_data(value))
+        spec = PartitionSpec(*sharding.spec, *([None] * (data.ndim - np.ndim(value))))
+        bits = put(data, NamedSharding(sharding.mesh, spec))
+        return jax.random.wrap_key_data(bits, impl=impl)
+    host = np.asarray(value)
+    return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+
 def shard_batch(batch: Mapping, mesh: Mesh) -> dict:
-    """Place every array of a batch split over its first dimension."""
+    """Place every array of a batch split over its first dimension (on several processes, each
+    passes the same global batch and keeps its devices' rows)."""
     return {
-        name: None
-        if value is None
-        else jax.device_put(value, batch_sharding(mesh, np.shape(value)))
+        name: None if value is None else put(value, batch_sharding(mesh, np.shape(value)))
         for name, value in batch.items()
     }
 
