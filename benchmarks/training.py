@@ -1,5 +1,6 @@
 """Training step memory: remat=True vs False, for BERT-base sequence classification (memory and
-step time) and GPT-2 small causal LM (memory).
+step time) and GPT-2 small causal LM (memory); and training throughput (samples/s) of both beside
+transformers PyTorch with torch eager AdamW, fp32 and with bf16 compute.
 
 One step = loss from labels, jax.value_and_grad over the nnx.split parameters, optax adamw
 update, with dropout on (model.train()); parameters and optimizer state are donated. Memory is
@@ -102,7 +103,80 @@ def main(argv=None) -> list[dict]:
         # --quick, and the GPT-2 rows: memory only (no weights, no step run)
         repeats = 0 if args.quick or "GPT-2" in case else 3
         rows += [compare(case, scan, repeats) for scan in (False, True)]
+    # throughput beside torch eager AdamW; --quick: 2 layers, one timed step each
+    layers, repeats = (2, 1) if args.quick else (LAYERS, 3)
+    for case in CASES:
+        rows += [throughput(case, bf16, layers, repeats) for bf16 in (False, True)]
     return rows
+
+
+def throughput(case: str, bf16: bool, layers: int, repeats: int) -> dict:
+    """Training samples/s of one AdamW step (dropout on), flaxauto (jitted step over the split
+    state, fp32 master weights; bf16: compute dtype bf16) beside transformers PyTorch with
+    torch.optim.AdamW (eager; bf16: torch.autocast) on the same weights and batch."""
+    import jax.numpy as jnp
+    import numpy as np
+    import optax
+    import torch
+    import transformers
+    from flax import nnx
+
+    import flaxauto
+
+    config_class, auto_class, labels = CASES[case]
+    config = getattr(transformers, config_class)(num_hidden_layers=layers, num_labels=3)
+    torch_class = (
+        transformers.BertForSequenceClassification
+        if labels == "class"
+        else transformers.GPT2LMHeadModel
+    )
+    torch.manual_seed(0)
+    reference = torch_class(config).train()
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as directory:
+        reference.save_pretrained(directory)
+        dtype = {"dtype": jnp.bfloat16} if bf16 else {}
+        model = getattr(flaxauto, auto_class).from_pretrained(directory, **dtype)
+    model.train()
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, config.vocab_size, (BATCH, LENGTH))
+    batch = {
+        "input_ids": ids,
+        "attention_mask": np.ones((BATCH, LENGTH), np.int32),
+        "labels": ids if labels == "tokens" else rng.integers(0, 3, (BATCH,)),
+    }
+    optimizer = optax.adamw(1e-5)
+    _, params, rest = nnx.split(model, nnx.Param, ...)
+    state = [params, optimizer.init(params), rest]
+    step = training_step(model, optimizer)
+
+    def ours():
+        state[0], state[1], state[2], loss = step(*state, batch)
+        loss.block_until_ready()
+
+    torch_optimizer = torch.optim.AdamW(reference.parameters(), lr=1e-5)
+    torch_batch = {k: torch.as_tensor(v) for k, v in batch.items()}
+
+    def theirs():
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss = reference(**torch_batch).loss
+        loss.backward()
+        torch_optimizer.step()
+        torch_optimizer.zero_grad(set_to_none=True)
+
+    seconds = common.interleaved({"ours": ours, "theirs": theirs}, repeats, warmup=1)
+    per_second = {name: BATCH / t for name, t in seconds.items()}
+    precision = "bf16 compute, fp32 weights" if bf16 else "fp32"
+    name = case.replace(f"{LAYERS} layers", f"{layers} layers")
+    return common.row(
+        "training",
+        f"{name} {BATCH}x{LENGTH} AdamW step, {precision}: samples/s",
+        f"{per_second['ours']:.1f}/s",
+        f"torch eager AdamW {per_second['theirs']:.1f}/s",
+        per_second["ours"] / per_second["theirs"],
+        note="throughput ratio (higher is better for flaxauto); medians of interleaved steps",
+    )
 
 
 def compare(case: str, scan: bool, repeats: int) -> dict:

@@ -164,12 +164,16 @@ def parameter_slots(model) -> dict[str, Slot]:
     ties = family.ties(model.config) if callable(family.ties) else family.ties
     modules = list(nnx.iter_modules(model))
     stacks = {path: m.num_layers for path, m in modules if isinstance(m, ScannedLayers)}
+    adapters = {path for path, m in modules if isinstance(m, nnx.LoRA)}
     slots: dict[str, Slot] = {}
     for path, module in modules:
+        path = _without_adapters(path, adapters)
         leaves = next((LAYOUTS[t] for t in type(module).__mro__ if t in LAYOUTS), {})
         for attr, variable in vars(module).items():
             if not issubclass(type(variable), PERSISTENT):  # (flax's isinstance hook is slow)
                 continue
+            if issubclass(type(variable), nnx.LoRAParam):
+                continue  # LoRA adapters are PEFT's tensors (flaxauto.lora), not the model's
             leaf = leaves.get(attr, Leaf(attr))
             init = variable.get_metadata("init", None) or leaf.init or _init(attr, leaf.layout)
             for index, layer_path in _per_layer_paths(path, stacks):
@@ -191,6 +195,19 @@ def parameter_slots(model) -> dict[str, Slot]:
                     variable, name, leaf.layout, part, init, index, (*legacy, *tied), tied
                 )
     return slots
+
+
+def _without_adapters(path: tuple, adapters: set[tuple]) -> tuple:
+    """A layer wrapped in a LoRA adapter (flaxauto.lora) keeps its PyTorch name: the wrapper's
+    `base_module` step is not part of it."""
+    if not adapters:
+        return path
+    kept = []
+    for index, part in enumerate(path):
+        if part == "base_module" and tuple(path[:index]) in adapters:
+            continue
+        kept.append(part)
+    return tuple(kept)
 
 
 def _tied_aliases(local: str, ties) -> list[str]:

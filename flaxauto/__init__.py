@@ -23,12 +23,14 @@ from flaxauto.auto import (
     AutoModelForTokenClassification,
     AutoModelForVideoClassification,
 )
+from flaxauto.checkpoint import TrainingCheckpointer
 from flaxauto.converters.errors import CheckpointError, UnsafeCheckpointError
 from flaxauto.converters.flax_params import flax_params, load_flax_params
+from flaxauto.lora import load_lora, lora, merge_lora, save_lora
 from flaxauto.modeling import Model
 from flaxauto.pipelines import pipeline
 from flaxauto.registry import AUTO_CLASS_TASKS, ConfigAttr, HeadSpec, register, supported
-from flaxauto.sharding import make_mesh, shard_batch, shard_cache, shard_model
+from flaxauto.sharding import make_mesh, replicate, shard_batch, shard_cache, shard_model
 
 __version__ = "0.1.0"
 
@@ -54,12 +56,18 @@ __all__ = [
     "ConfigAttr",
     "HeadSpec",
     "Model",
+    "TrainingCheckpointer",
     "UnsafeCheckpointError",
     "flax_params",
     "load_flax_params",
+    "load_lora",
+    "lora",
     "make_mesh",
+    "merge_lora",
     "pipeline",
     "register",
+    "replicate",
+    "save_lora",
     "shard_batch",
     "shard_cache",
     "shard_model",

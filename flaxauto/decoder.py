@@ -344,7 +344,8 @@ class DecoderStep:
 
     def _write(self, buffer: Array, new: Array) -> Array:
         new = _heads_first(new.astype(buffer.dtype))  # [B, K, T, D]
-        return jax.lax.dynamic_update_slice(buffer, new, (0, 0, self.start, 0))
+        written = jax.lax.dynamic_update_slice(buffer, new, (0, 0, self.start, 0))
+        return layers.constrain(written, SELF_ATTENTION_AXES)
 
     def new_cache(self, per_layer, length: int):
         """The cache after this forward, from every layer's `layer_outputs` (per-layer tuples

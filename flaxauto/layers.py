@@ -7,6 +7,8 @@ models are built abstractly and placed by the loader, not at construction time.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import math
 from collections.abc import Callable
@@ -62,6 +64,36 @@ def attention_implementation(requested: str | None = None, backend: str | None =
 
 def _axes(*names: str | None) -> dict:
     return {"out_sharding": names, "eager_sharding": False}
+
+
+# --- activation sharding -----------------------------------------------------------------------
+# A model placed on a mesh (flaxauto.sharding) traces its forward inside `activation_sharding`,
+# and the hot activations (each layer's hidden states, attention heads, the KV cache it writes)
+# are constrained by their logical axes, so XLA's sharding propagation cannot wander off
+# (e.g. gather a tensor-parallel head axis early). Outside a mesh, `constrain` is the identity.
+
+_ACTIVATION_SHARDING: contextvars.ContextVar = contextvars.ContextVar(
+    "flaxauto_activation_sharding", default=None
+)
+
+
+@contextlib.contextmanager
+def activation_sharding(place: Callable | None):
+    """Within it, constrain(x, axes) applies place(x, axes) -> a sharding (None: no mesh)."""
+    token = _ACTIVATION_SHARDING.set(place)
+    try:
+        yield
+    finally:
+        _ACTIVATION_SHARDING.reset(token)
+
+
+def constrain(x: Array, axes: tuple[str | None, ...]) -> Array:
+    """x with a sharding constraint from its logical axes ("batch", "seq", "embed", "heads",
+    "kv_heads", "cache_seq", ...) under the current activation_sharding; traced arrays only."""
+    place = _ACTIVATION_SHARDING.get()
+    if place is None or not isinstance(x, jax.core.Tracer):
+        return x
+    return jax.lax.with_sharding_constraint(x, place(x, axes))
 
 
 # --- abstract construction ---------------------------------------------------------------------
@@ -213,12 +245,15 @@ def embedding(
     rngs,
     *,
     init: str | None = None,
+    padding_idx: int | None = None,
 ) -> nnx.Embed:
     """An embedding table [num, features]; init="sinusoidal" (or "sinusoidal-halves", see
-    sinusoidal_table) for fixed sin/cos tables
-    (initialised that way by from_config; checkpoints carry the table like any other)."""
+    sinusoidal_table) for fixed sin/cos tables (initialised that way by from_config; checkpoints
+    carry the table like any other). padding_idx: the row that looking up never trains, as
+    torch's nn.Embedding(padding_idx=)."""
     metadata = _axes(*axes) | ({"init": init} if init else {})
-    return nnx.Embed(
+    module = nnx.Embed if padding_idx is None else PaddingEmbed
+    table = module(
         num,
         features,
         dtype=precision.dtype,
@@ -227,6 +262,20 @@ def embedding(
         embedding_metadata=metadata,
         rngs=rngs,
     )
+    if padding_idx is not None:
+        table.padding_idx = padding_idx
+    return table
+
+
+class PaddingEmbed(nnx.Embed):
+    """torch's nn.Embedding(padding_idx=p): a lookup of row p passes no gradient to the table
+    (the row still takes gradients through other uses, e.g. a tied LM head's attend).
+    `padding_idx` is set by `embedding`."""
+
+    def __call__(self, inputs: Array) -> Array:  # [...] -> [..., features]
+        looked_up = super().__call__(inputs)
+        padding = (inputs == self.padding_idx)[..., None]
+        return jnp.where(padding, jax.lax.stop_gradient(looked_up), looked_up)
 
 
 def sinusoidal_table(num: int, features: int, *, halves: bool = False) -> jax.Array:
@@ -455,6 +504,12 @@ def attention_heads(
     )
 
 
+#: logical axes of attention's per-head activations [B, T, H, D]
+HEAD_AXES = ("batch", "seq", "heads", None)
+#: logical axes of hidden states [B, T, E] between layers
+HIDDEN_AXES = ("batch", "seq", "embed")
+
+
 def attend(
     projections,
     hidden_states: Array,  # [B, T, E]
@@ -499,8 +554,10 @@ def exactly_one(input_ids, inputs_embeds) -> None:
 
 
 def split_heads(x: Array, num_heads: int) -> Array:
-    """[B, T, H*D] -> [B, T, H, D]."""
-    return x.reshape(*x.shape[:-1], num_heads, x.shape[-1] // num_heads)
+    """[B, T, H*D] -> [B, T, H, D], constrained by HEAD_AXES on a placed model (a key/value
+    head axis splits as the query heads': every preset maps "heads" and "kv" alike)."""
+    heads = x.reshape(*x.shape[:-1], num_heads, x.shape[-1] // num_heads)
+    return constrain(heads, HEAD_AXES) if heads.ndim == len(HEAD_AXES) else heads
 
 
 def merge_heads(x: Array) -> Array:

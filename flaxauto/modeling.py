@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
 
 from flaxauto import config_checks, decoding, inputs, layers, registry
 from flaxauto.converters.errors import CheckpointError
@@ -96,11 +97,23 @@ class Model(nnx.Module):
             kwargs[main] = args[0]
         kwargs = inputs.alias_past_key_values(kwargs)  # transformers' name for cache=
         call = inputs.sort_inputs(kwargs, self.backbone, self.head, self.config)
-        if self.head is None:
-            return self.backbone(**call.data, **call.flags)
-        features = self.backbone(**self.head.prepare_inputs(call.data, call.labels), **call.flags)
-        head_inputs = call.data | call.head_inputs
-        return self.head(features, backbone=self.backbone, inputs=head_inputs, **call.labels)
+        with self._activation_sharding():
+            if self.head is None:
+                return self.backbone(**call.data, **call.flags)
+            prepared = self.head.prepare_inputs(call.data, call.labels)
+            features = self.backbone(**prepared, **call.flags)
+            head_inputs = call.data | call.head_inputs
+            return self.head(features, backbone=self.backbone, inputs=head_inputs, **call.labels)
+
+    def _activation_sharding(self):
+        """Activations traced under it carry sharding constraints from their logical axes, on
+        the mesh the model was loaded onto or shard_model placed it on (see layers.constrain)."""
+        mesh, rules = getattr(self.static, "placement", (None, None))
+        if mesh is None:
+            return layers.activation_sharding(None)
+        from flaxauto.sharding import activation_placer
+
+        return layers.activation_sharding(activation_placer(mesh, rules))
 
     def init_cache(self, batch_size: int, max_length: int, dtype=None, *, mesh=None, rules=None):
         """An empty KV cache of `max_length` slots (decoder families), for model(..., cache=):
@@ -156,11 +169,13 @@ class Model(nnx.Module):
         cache holds cache_length tokens (and is sharded on the mesh the model was loaded onto)."""
         head = self._decoding_head()
         cache = self.init_cache(prompt_ids.shape[0], cache_length)
-        return head.start(self.backbone, prompt_ids, prompt_mask, cache=cache, **encoder_inputs)
+        with self._activation_sharding():
+            return head.start(self.backbone, prompt_ids, prompt_mask, cache=cache, **encoder_inputs)
 
     def step(self, state: decoding.DecodingState, tokens):
         """One token per row (tokens [R]) -> (DecodingState, next-token logits [R, V])."""
-        return self._decoding_head().step(self.backbone, state, tokens)
+        with self._activation_sharding():
+            return self._decoding_head().step(self.backbone, state, tokens)
 
     def decoder_prompt(self, generation_config, batch_size: int, decoder_input_ids=None):
         """An encoder-decoder's decoder prompt for generate [B, P] (numpy int32): the decoder
@@ -185,6 +200,11 @@ class Model(nnx.Module):
         names and layouts, crash-consistently: interrupted anywhere, the directory loads as
         wholly the earlier checkpoint or wholly this one (see converters.files.save_safetensors).
         Other files there (a tokenizer) are kept. The model's own config is not changed."""
+        if jax.tree.leaves(nnx.state(self, nnx.LoRAParam)):
+            raise ValueError(
+                "the model has LoRA adapters: flaxauto.merge_lora(model) folds them into the "
+                "weights before save_pretrained; flaxauto.save_lora(model, dir) saves them alone"
+            )
         config = copy.deepcopy(self.config)
         architecture = registry.transformers_class_name(
             config.model_type, self.task, config.architectures
@@ -244,7 +264,7 @@ def build_abstract(config, task: str, precision: layers.Precision, **execution) 
 def initialize_abstract(model: Model, seed: int, mesh=None, rules=None) -> list[str]:
     """Give every still-abstract variable a value: checkpoint tensors by transformers' init
     rules, RNG streams keys from `seed`. Returns the PyTorch names of the tensors initialised."""
-    from flaxauto.sharding import resolve_rules, variable_sharding
+    from flaxauto.sharding import put, resolve_rules, variable_sharding
 
     # transformers' init scale: initializer_range, or init_std (BART, Whisper and their kin)
     scales = (getattr(model.config, name, None) for name in ("initializer_range", "init_std"))
@@ -256,9 +276,7 @@ def initialize_abstract(model: Model, seed: int, mesh=None, rules=None) -> list[
             value = initial_value(slot, jax.random.fold_in(jax.random.key(seed), index), std)
             if mesh is not None:
                 rules = resolve_rules(rules)
-                value = jax.device_put(
-                    value, variable_sharding(slot.variable, abstract.shape, mesh, rules)
-                )
+                value = put(value, variable_sharding(slot.variable, abstract.shape, mesh, rules))
             slot.variable.set_value(value)
             if slot.part != "counter":  # a counter starts at zero unremarked, as in transformers
                 fresh.add(id(slot.variable))
@@ -266,7 +284,10 @@ def initialize_abstract(model: Model, seed: int, mesh=None, rules=None) -> list[
             initialised.append(name)
     for index, (path, variable) in enumerate(nnx.iter_graph(model)):
         if isinstance(variable, nnx.Variable) and layers.is_abstract(variable.get_value()):
-            variable.set_value(_rng_state(variable, seed, index, path))
+            value = _rng_state(variable, seed, index, path)
+            if mesh is not None:  # all of a model's state on its mesh: jit refuses a mix
+                value = put(value, NamedSharding(mesh, PartitionSpec()))
+            variable.set_value(value)
     return initialised
 
 

@@ -99,12 +99,26 @@ def batch_sharding(mesh: Mesh, shape: Sequence[int]) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
 
 
+def put(value, sharding: NamedSharding) -> jax.Array:
+    """jax.device_put, also onto a mesh spanning several processes: there each process passes
+    the same whole value and places the blocks its own devices hold (typed PRNG keys too)."""
+    if sharding.is_fully_addressable:
+        return jax.device_put(value, sharding)
+    if jax.dtypes.issubdtype(getattr(value, "dtype", None), jax.dtypes.prng_key):
+        impl = jax.random.key_impl(value)
+        data = np.asarray(jax.random.key_data(value))
+        spec = PartitionSpec(*sharding.spec, *([None] * (data.ndim - np.ndim(value))))
+        bits = put(data, NamedSharding(sharding.mesh, spec))
+        return jax.random.wrap_key_data(bits, impl=impl)
+    host = np.asarray(value)
+    return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+
 def shard_batch(batch: Mapping, mesh: Mesh) -> dict:
-    """Place every array of a batch split over its first dimension."""
+    """Place every array of a batch split over its first dimension (on several processes, each
+    passes the same global batch and keeps its devices' rows)."""
     return {
-        name: None
-        if value is None
-        else jax.device_put(value, batch_sharding(mesh, np.shape(value)))
+        name: None if value is None else put(value, batch_sharding(mesh, np.shape(value)))
         for name, value in batch.items()
     }
 
@@ -119,6 +133,8 @@ def shard_model(model: nnx.Module, mesh: Mesh, rules: Rules | str | None = None)
             variable.set_value(
                 jax.device_put(value, variable_sharding(variable, value.shape, mesh, rules))
             )
+    if hasattr(model, "static"):  # a flaxauto Model: caches and activations follow the mesh
+        model.static.placement = (mesh, rules)
     return model
 
 
@@ -175,8 +191,23 @@ def shard_cache(cache, mesh: Mesh, rules: Rules | str | None = None):
 
 def replicate(tree, devices=None):
     """Copy a pytree (e.g. `nnx.state(model)`) onto each local device with a leading device
-    axis, for `jax.pmap`."""
+    axis, for `jax.pmap`: each device receives its one copy [1, ...] directly (no [N, ...]
+    array is ever built on one device)."""
     devices = list(jax.local_devices() if devices is None else devices)
-    stacked = jax.tree.map(lambda x: jnp.broadcast_to(x[None], (len(devices), *x.shape)), tree)
-    mesh = Mesh(np.asarray(devices), ("devices",))
-    return jax.device_put(stacked, NamedSharding(mesh, PartitionSpec("devices")))
+    sharding = NamedSharding(Mesh(np.asarray(devices), ("devices",)), PartitionSpec("devices"))
+
+    def place(x):
+        one = jnp.asarray(x)[None]  # [1, ...]
+        copies = [jax.device_put(one, device) for device in devices]
+        return jax.make_array_from_single_device_arrays(
+            (len(devices), *one.shape[1:]), sharding, copies
+        )
+
+    return jax.tree.map(place, tree)
+
+
+def activation_placer(mesh: Mesh, rules: Rules | str | None = None):
+    """place(x, logical axes) -> NamedSharding for activations (layers.activation_sharding):
+    "batch" over the data-parallel axes, any other logical axis by its rule, as for the cache."""
+    rules = resolve_rules(rules)
+    return lambda x, axes: NamedSharding(mesh, cache_partition_spec(axes, x.shape, mesh, rules))

@@ -114,6 +114,7 @@ def run_layers(
         # wrappers): it composes with plain jax.grad over nnx.split state, not only nnx.grad.
         layer = nnx.merge(graphdef, layer_state)
         hidden, probs, new_item = call(layer, hidden, item)
+        hidden = layers.constrain(hidden, layers.HIDDEN_AXES)
         kept = (hidden if output_hidden_states else None, probs if output_attentions else None)
         # in training, dropout advanced its RNG streams and batch norms their statistics: hand
         # them back to the real layer

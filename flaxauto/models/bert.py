@@ -43,16 +43,23 @@ class BertEmbeddings(nnx.Module):
     def __init__(self, config, precision: Precision, rngs: nnx.Rngs):
         hidden = config.hidden_size
         self.word_embeddings = layers.embedding(
-            config.vocab_size, hidden, ("vocab", "embed"), precision, rngs
-        )
+            config.vocab_size, hidden, ("vocab", "embed"), precision, rngs,
+            padding_idx=config.pad_token_id,
+        )  # fmt: skip
         self.position_embeddings = layers.embedding(
-            config.max_position_embeddings, hidden, (None, "embed"), precision, rngs
-        )
+            config.max_position_embeddings, hidden, (None, "embed"), precision, rngs,
+            padding_idx=self.position_padding_idx(config),
+        )  # fmt: skip
         self.token_type_embeddings = layers.embedding(
             config.type_vocab_size, hidden, (None, "embed"), precision, rngs
         )
         self.LayerNorm = layers.layer_norm(hidden, config.layer_norm_eps, precision, rngs)
         self.dropout = layers.dropout(config.hidden_dropout_prob, rngs)
+
+    @staticmethod
+    def position_padding_idx(config) -> int | None:
+        """BERT's position table has no padding row (RoBERTa's has)."""
+        return None
 
     def __call__(self, input_ids, token_type_ids, position_ids, inputs_embeds) -> jax.Array:
         if position_ids is None:

@@ -34,8 +34,9 @@ def check_config(config) -> None:
 class Embeddings(nnx.Module):
     def __init__(self, config, precision: Precision, rngs: nnx.Rngs):
         self.word_embeddings = layers.embedding(
-            config.vocab_size, config.dim, ("vocab", "embed"), precision, rngs
-        )
+            config.vocab_size, config.dim, ("vocab", "embed"), precision, rngs,
+            padding_idx=config.pad_token_id,
+        )  # fmt: skip
         init = "sinusoidal" if config.sinusoidal_pos_embds else None
         self.position_embeddings = layers.embedding(
             config.max_position_embeddings, config.dim, (None, "embed"), precision, rngs, init=init

@@ -161,8 +161,9 @@ class LlamaModel(DecoderBackbone):
         self.windows = variant.windows
         self.rope = rope.rope_from_config(config, head_dim(config))
         self.embed_tokens = layers.embedding(
-            config.vocab_size, config.hidden_size, ("vocab", "embed"), precision, rngs
-        )
+            config.vocab_size, config.hidden_size, ("vocab", "embed"), precision, rngs,
+            padding_idx=config.pad_token_id,
+        )  # fmt: skip
         self.layers = self.layer_stack(
             lambda _, rngs: LlamaDecoderLayer(config, variant, precision, rngs),
             config.num_hidden_layers, rngs, scan_layers, remat,

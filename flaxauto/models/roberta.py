@@ -26,6 +26,11 @@ class RobertaEmbeddings(BertEmbeddings):
         super().__init__(config, precision, rngs)
         self.padding_idx = config.pad_token_id
 
+    @staticmethod
+    def position_padding_idx(config) -> int | None:
+        """Padding tokens take position padding_idx, a row torch never trains."""
+        return config.pad_token_id
+
     def default_position_ids(self, input_ids, inputs_embeds) -> jax.Array:
         """[B, T]: padding_idx + 1, + 2, ... over real tokens; padding tokens get padding_idx."""
         if input_ids is None:  # embeddings cannot show padding: number every position
