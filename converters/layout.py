@@ -261,11 +261,11 @@ def initial_value(slot: Slot, key: jax.Array, std: float) -> jax.Array:
     if slot.init in ("sinusoidal", "sinusoidal-halves"):
         from flaxauto.layers import sinusoidal_table
 
-        return sinusoidal_table(*shape, halves=slot.init == "sinusoidal-halves").astype(dtype)
+        return jnp.asarray(sinusoidal_table(*shape, halves=slot.init == "sinusoidal-halves"), dtype)
     if slot.init == "sinusoidal-timescales":  # Whisper's encoder positions
         from flaxauto.layers import sinusoidal_timescales_table
 
-        return sinusoidal_timescales_table(*shape).astype(dtype)
+        return jnp.asarray(sinusoidal_timescales_table(*shape), dtype)
     if slot.init == "normal":
         return (std * jax.random.normal(key, shape, jnp.float32)).astype(dtype)
     if slot.init == "kaiming_fan_out":  # torch's kaiming_normal_(mode="fan_out"), for ReLU

@@ -146,6 +146,33 @@ def backbone_output(x: jax.Array, pooled: jax.Array, hidden_states) -> BaseModel
     )
 
 
+class PooledConvModel(nnx.Module):
+    """Stem, stages, global average pool: pooler_output [B, C, 1, 1] as transformers keeps it
+    (ResNet, RegNet). A family sets its `embeddings_class` and `encoder_class` (whose `stages`
+    run in order) and checks its config before building."""
+
+    embeddings_class: type
+    encoder_class: type
+
+    def __init__(self, config, precision: layers.Precision, rngs: nnx.Rngs):
+        self.num_channels = config.num_channels
+        self.embedder = self.embeddings_class(config, precision, rngs)
+        self.encoder = self.encoder_class(config, precision, rngs)
+
+    def __call__(
+        self,
+        *,
+        pixel_values=None,  # [B, C, H, W]
+        output_hidden_states: bool = False,
+        output_attentions: bool = False,  # no attention here: accepted, nothing returned
+    ) -> BaseModelOutput:
+        del output_attentions
+        x = self.embedder(channels_last(pixel_values, self.num_channels))
+        x, hidden = run_stages(self.encoder.stages, x, output_hidden_states=output_hidden_states)
+        pooled = spatial_mean(x)[:, :, None, None]  # [B, C, 1, 1]
+        return backbone_output(x, pooled, hidden)
+
+
 def check_lengths(config, *names: str) -> None:
     """Per-stage lists (hidden_sizes, depths) must agree on the number of stages."""
     lengths = {name: len(getattr(config, name)) for name in names}

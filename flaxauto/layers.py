@@ -278,28 +278,29 @@ class PaddingEmbed(nnx.Embed):
         return jnp.where(padding, jax.lax.stop_gradient(looked_up), looked_up)
 
 
-def sinusoidal_table(num: int, features: int, *, halves: bool = False) -> jax.Array:
+def sinusoidal_table(num: int, features: int, *, halves: bool = False) -> np.ndarray:
     """[num, features]: sin on even features, cos on odd, frequency 10000^(-2*(j//2)/features);
     with halves (Marian, Pegasus) the sines of the even features fill the first half and the
     cosines of the odd ones the second.
 
-    Computed in float64 on the host, as transformers does, then rounded once."""
+    Computed in float64 on the host, as transformers does, then rounded once; a numpy array,
+    so a caller inside a trace gets a constant."""
     positions = np.arange(num, dtype=np.float64)[:, None]
     angles = positions / np.power(10000.0, 2 * (np.arange(features) // 2) / features)[None, :]
     if halves:
         table = np.concatenate([np.sin(angles[:, 0::2]), np.cos(angles[:, 1::2])], axis=1)
     else:
         table = np.where(np.arange(features)[None, :] % 2 == 0, np.sin(angles), np.cos(angles))
-    return jnp.asarray(table.astype(np.float32))
+    return table.astype(np.float32)
 
 
-def sinusoidal_timescales_table(num: int, features: int) -> jax.Array:
+def sinusoidal_timescales_table(num: int, features: int) -> np.ndarray:
     """[num, features]: sin on the first half of the features, cos on the second, timescales
     10000 ** (j / (features / 2 - 1)) (Whisper's encoder positions, transformers' `sinusoids`)."""
     half = features // 2
     inverse = np.exp(-np.log(10000.0) / (half - 1) * np.arange(half, dtype=np.float32))
     angles = np.arange(num, dtype=np.float32)[:, None] * inverse[None, :]
-    return jnp.asarray(np.concatenate([np.sin(angles), np.cos(angles)], axis=1))
+    return np.concatenate([np.sin(angles), np.cos(angles)], axis=1)
 
 
 def dropout(rate: float, rngs: nnx.Rngs) -> nnx.Dropout:

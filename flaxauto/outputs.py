@@ -172,6 +172,20 @@ class _Seq2SeqFields(_Output):
 class Seq2SeqModelOutput(_Seq2SeqFields):
     last_hidden_state: Array = None  # [B, T_dec, E]: the decoder's
 
+    @classmethod
+    def of(cls, encoded: BaseModelOutput, decoded) -> Seq2SeqModelOutput:
+        """An encoder-decoder backbone's output from its encoder's and decoder's."""
+        return cls(
+            last_hidden_state=decoded.last_hidden_state,
+            cache=decoded.cache,
+            decoder_hidden_states=decoded.hidden_states,
+            decoder_attentions=decoded.attentions,
+            cross_attentions=decoded.cross_attentions,
+            encoder_last_hidden_state=encoded.last_hidden_state,
+            encoder_hidden_states=encoded.hidden_states,
+            encoder_attentions=encoded.attentions,
+        )
+
 
 @struct.dataclass
 class Seq2SeqLMOutput(_Seq2SeqFields):

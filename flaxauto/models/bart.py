@@ -430,16 +430,7 @@ class BartModel(nnx.Module):
             cache=cache,
             **flags,
         )
-        return Seq2SeqModelOutput(
-            last_hidden_state=decoded.last_hidden_state,
-            cache=decoded.cache,
-            decoder_hidden_states=decoded.hidden_states,
-            decoder_attentions=decoded.attentions,
-            cross_attentions=decoded.cross_attentions,
-            encoder_last_hidden_state=encoder_outputs.last_hidden_state,
-            encoder_hidden_states=encoder_outputs.hidden_states,
-            encoder_attentions=encoder_outputs.attentions,
-        )
+        return Seq2SeqModelOutput.of(encoder_outputs, decoded)
 
 
 #: What BART reads from the config (flaxauto.config_checks refuses the rest).

@@ -13,7 +13,6 @@ import jax.numpy as jnp
 from flax import nnx
 
 from flaxauto import convnets, layers
-from flaxauto.outputs import BaseModelOutput
 from flaxauto.registry import HeadSpec, register
 
 Precision = layers.Precision
@@ -112,29 +111,13 @@ class RegNetEncoder(nnx.Module):
         ])  # fmt: skip
 
 
-class RegNetModel(nnx.Module):
-    """Stem, stages, global average pool: pooler_output [B, C, 1, 1] as transformers keeps it."""
+class RegNetModel(convnets.PooledConvModel):
+    embeddings_class = RegNetEmbeddings
+    encoder_class = RegNetEncoder
 
     def __init__(self, config, precision: Precision, rngs: nnx.Rngs):
         check_config(config)
-        self.num_channels = config.num_channels
-        self.embedder = RegNetEmbeddings(config, precision, rngs)
-        self.encoder = RegNetEncoder(config, precision, rngs)
-
-    def __call__(
-        self,
-        *,
-        pixel_values=None,  # [B, C, H, W]
-        output_hidden_states: bool = False,
-        output_attentions: bool = False,  # no attention here: accepted, nothing returned
-    ) -> BaseModelOutput:
-        del output_attentions
-        x = self.embedder(convnets.channels_last(pixel_values, self.num_channels))
-        x, hidden = convnets.run_stages(
-            self.encoder.stages, x, output_hidden_states=output_hidden_states
-        )
-        pooled = convnets.spatial_mean(x)[:, :, None, None]  # [B, C, 1, 1]
-        return convnets.backbone_output(x, pooled, hidden)
+        super().__init__(config, precision, rngs)
 
 
 CONFIG_ATTRIBUTES = (

@@ -12,7 +12,6 @@ import jax
 from flax import nnx
 
 from flaxauto import convnets, layers
-from flaxauto.outputs import BaseModelOutput
 from flaxauto.registry import HeadSpec, register
 
 Precision = layers.Precision
@@ -109,29 +108,13 @@ class ResNetEncoder(nnx.Module):
         ])  # fmt: skip
 
 
-class ResNetModel(nnx.Module):
-    """Stem, stages, global average pool: pooler_output [B, C, 1, 1] as transformers keeps it."""
+class ResNetModel(convnets.PooledConvModel):
+    embeddings_class = ResNetEmbeddings
+    encoder_class = ResNetEncoder
 
     def __init__(self, config, precision: Precision, rngs: nnx.Rngs):
         check_config(config)
-        self.num_channels = config.num_channels
-        self.embedder = ResNetEmbeddings(config, precision, rngs)
-        self.encoder = ResNetEncoder(config, precision, rngs)
-
-    def __call__(
-        self,
-        *,
-        pixel_values=None,  # [B, C, H, W]
-        output_hidden_states: bool = False,
-        output_attentions: bool = False,  # no attention here: accepted, nothing returned
-    ) -> BaseModelOutput:
-        del output_attentions
-        x = self.embedder(convnets.channels_last(pixel_values, self.num_channels))
-        x, hidden = convnets.run_stages(
-            self.encoder.stages, x, output_hidden_states=output_hidden_states
-        )
-        pooled = convnets.spatial_mean(x)[:, :, None, None]  # [B, C, 1, 1]
-        return convnets.backbone_output(x, pooled, hidden)
+        super().__init__(config, precision, rngs)
 
 
 #: What ResNet reads from the config (flaxauto.config_checks refuses the rest). The backbone
