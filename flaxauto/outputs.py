@@ -134,6 +134,7 @@ class TableQuestionAnsweringOutput(_TaskOutput):
     logits_aggregation: Array | None = None  # [B, num_aggregation_labels], when the head has one
 
 
+@struct.dataclass
 class Wav2Vec2BaseModelOutput(BaseModelOutput):
     extract_features: Array | None = None  # [B, T, C]: the feature encoder's output, normalised
 

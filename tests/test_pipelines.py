@@ -280,3 +280,29 @@ def test_image_classification_matches_transformers(model_type, tmp_path):
         assert_same_answers(ours(images, **params), theirs(images, **params))
     assert_same_answers(ours(images[0]), theirs(images[0]))
     assert ours.compilations == 1  # every image is processed to one shape
+
+
+def _chirp(samples: int, low: float, high: float, rate: int = 16000) -> np.ndarray:
+    t = np.arange(samples) / rate
+    phase = 2 * np.pi * (low * t + (high - low) / (2 * t[-1]) * t * t)
+    return (0.5 * np.sin(phase)).astype(np.float32)
+
+
+@pytest.mark.parametrize("attention_mask", [True, False], ids=["bucketed", "one-at-a-time"])
+def test_audio_classification_matches_transformers(attention_mask, tmp_path):
+    """With an attention mask the waveforms are padded to bucketed lengths and masked; without
+    one (padding would change the model's output) each runs alone at its own length."""
+    model = torch_model("wav2vec2", "audio-classification")
+    model.save_pretrained(tmp_path)
+    extractor = transformers.Wav2Vec2FeatureExtractor(return_attention_mask=attention_mask)
+    theirs = transformers.pipeline("audio-classification", model=model, feature_extractor=extractor)
+    ours = flaxauto.pipeline(
+        "audio-classification", model=str(tmp_path), feature_extractor=extractor, batch_size=2
+    )
+    waves = [_chirp(1300, 200, 3000), _chirp(900, 400, 2000), _chirp(1700, 100, 800)]
+    for params in ({}, {"top_k": 2}, {"function_to_apply": "sigmoid"}):
+        assert_same_answers(ours(waves, **params), theirs(waves, **params))
+    one = {"raw": waves[1], "sampling_rate": 16000}
+    assert_same_answers(ours(one), theirs(dict(one)))
+    with pytest.raises(NotImplementedError, match="resample"):
+        ours({"raw": waves[0], "sampling_rate": 8000})
