@@ -79,7 +79,9 @@ def test_nnx_optimizer_restores_onto_another_mesh(checkpoint_dir, tmp_path):
     for x, y in zip(
         _arrays(nnx.state(model, nnx.Param)), _arrays(nnx.state(restored, nnx.Param)), strict=True
     ):
-        np.testing.assert_allclose(x, y, atol=1e-5)  # adam after a reduction-order change
+        # adam divides each gradient by its own running size, so a reduction-order change in
+        # a near-zero gradient moves that parameter's step by a share of the learning rate
+        np.testing.assert_allclose(x, y, atol=5e-5)
 
 
 def test_optax_state_restores_onto_one_device(checkpoint_dir, tmp_path):

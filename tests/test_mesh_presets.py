@@ -92,7 +92,10 @@ def test_preset_matches_one_device(model_type, preset, checkpoints):
         diff = output_diff(
             model_type, inputs, field, getattr(output, field), getattr(expected, field)
         )
-        assert diff <= 1e-5, f"{field}: {diff:.2e}"
+        # sharded sums add in another order: float32 rounding relative to the field's size
+        # (mT5's tied logits, not rescaled, reach ~10), as in the conformance suite
+        scale = max(1.0, float(np.max(np.abs(np.asarray(getattr(expected, field))))))
+        assert diff <= 1e-5 * scale, f"{field}: {diff:.2e}"
     held = per_device_parameter_bytes(sharded)
     assert len(held) == 8
     total = sum(x.nbytes for x in jax.tree.leaves(nnx.state(single, nnx.Param)))

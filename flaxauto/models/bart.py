@@ -322,8 +322,9 @@ class BartModel(nnx.Module):
         check_config(config)
         variant = type(self).variant
         self.shared = layers.embedding(
-            config.vocab_size, config.d_model, ("vocab", "embed"), precision, rngs
-        )
+            config.vocab_size, config.d_model, ("vocab", "embed"), precision, rngs,
+            padding_idx=config.pad_token_id,  # as torch's: the padding row trains through no lookup
+        )  # fmt: skip
         self.embed_scale = math.sqrt(config.d_model) if config.scale_embedding else 1.0
         self.encoder = BartEncoder(
             config, variant, precision, rngs, scan_layers=scan_layers, remat=remat

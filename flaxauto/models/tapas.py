@@ -34,8 +34,9 @@ class TapasEmbeddings(nnx.Module):
     def __init__(self, config, precision: layers.Precision, rngs: nnx.Rngs):
         hidden = config.hidden_size
         self.word_embeddings = layers.embedding(
-            config.vocab_size, hidden, ("vocab", "embed"), precision, rngs
-        )
+            config.vocab_size, hidden, ("vocab", "embed"), precision, rngs,
+            padding_idx=config.pad_token_id,
+        )  # fmt: skip
         self.position_embeddings = layers.embedding(
             config.max_position_embeddings, hidden, (None, "embed"), precision, rngs
         )
