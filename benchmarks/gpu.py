@@ -58,22 +58,25 @@ class Sizes:
     decode_prompt: int = 64
     decode_new: int = 128
     decode_batches: tuple[int, ...] = (1, 32)
+    vision_batch: int = 64
     train_batch: int = 32
     train_length: int = 512
     repeats: int = 5
     bert: dict = dataclasses.field(default_factory=dict)  # overrides of BertConfig()
     gpt2: dict = dataclasses.field(default_factory=dict)  # overrides of GPT2Config()
+    vit: dict = dataclasses.field(default_factory=dict)  # overrides of ViTConfig()
 
 
 GPU = Sizes()
 TOY = dict(max_position_embeddings=64, vocab_size=512)
 DRY_RUN = Sizes(
     matmul=128, matmul_batch=2, bandwidth_bytes=2**22, encoder_batch=2, encoder_length=32,
-    decode_prompt=8, decode_new=8, decode_batches=(1, 2), train_batch=2, train_length=32,
-    repeats=1,
+    decode_prompt=8, decode_new=8, decode_batches=(1, 2), vision_batch=2, train_batch=2,
+    train_length=32, repeats=1,
     bert=dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
               **TOY),
     gpt2=dict(n_embd=64, n_layer=2, n_head=4, n_positions=64, vocab_size=512),
+    vit=dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128),
 )  # fmt: skip
 
 
@@ -361,6 +364,74 @@ def encoder_rows(sizes, device, ceilings, repeats, budget: Budget) -> list[dict]
     return rows
 
 
+# ------------------------------------------------------------------------------------ vision
+
+VISION_MODES = ("fp32 TF32", "bf16 compute")  # IEEE fp32 is BERT's row's story already
+
+
+def vision_rows(sizes, device, ceilings, repeats, budget: Budget) -> list[dict]:
+    """ViT-base at 224 x 224: the same eager / fused / torch sdpa comparison as BERT's rows."""
+    import jax.numpy as jnp
+    import torch
+    import transformers
+    from vit import SIZE, model_flops
+
+    config = transformers.ViTConfig(image_size=SIZE, **sizes.vit)
+    batch = sizes.vision_batch
+    pixels = np.random.default_rng(0).standard_normal((batch, 3, SIZE, SIZE), np.float32)
+    inputs = {"pixel_values": jnp.asarray(pixels)}
+    torch_pixels = torch.tensor(pixels, device=device.torch)
+    flops = model_flops(config, batch) - 2 * batch * config.hidden_size * config.num_labels
+    case = f"ViT-base {SIZE}px batch {batch} forward"
+    rows, models, reasons = [], {}, {}
+    with tempfile.TemporaryDirectory() as directory:
+        torch.manual_seed(0)
+        transformers.ViTModel(config, add_pooling_layer=False).save_pretrained(directory)
+        reference = transformers.ViTModel.from_pretrained(
+            directory, attn_implementation="sdpa", add_pooling_layer=False
+        )
+        reference = reference.to(device.torch).eval()
+        for mode in VISION_MODES:
+            dtype, precision, torch_precision, autocast = ENCODER_MODES[mode]
+            budget.check(f"{case} {mode}", 25)
+            lowered, missing = encoder_programs(
+                models, reasons, directory, dtype, precision, inputs
+            )
+            forwards = {
+                name: compile_encoder(*program, inputs) for name, program in lowered.items()
+            }
+
+            def run_torch(precision=torch_precision, autocast=autocast):
+                torch.set_float32_matmul_precision(precision)
+                with (
+                    torch.inference_mode(),
+                    torch.autocast(device.torch, torch.bfloat16, enabled=autocast),
+                ):
+                    output = reference(pixel_values=torch_pixels).last_hidden_state
+                device.synchronize()
+                return output
+
+            expected = run_torch().float().cpu().numpy()
+            fns = {attention: forward[0] for attention, forward in forwards.items()}
+            times = common.interleaved({**fns, "torch": run_torch}, repeats)
+            peak = ceilings.rates[MODE_ARITHMETIC[mode]]
+            for attention, (_, output, cudnn) in forwards.items():
+                error = float(np.max(np.abs(output - expected)))
+                rows.append(row(
+                    device, f"{case}, {mode}, flaxauto {attention} attention",
+                    utilisation(flops, times[attention], peak),
+                    f"torch sdpa{' autocast' if autocast else ''} "
+                    f"{utilisation(flops, times['torch'], peak)}",
+                    times[attention] / times["torch"],
+                    encoder_note(mode, flops, times, attention, error, cudnn, peak),
+                ))  # fmt: skip
+            if missing:
+                rows.append(row(device, f"{case}, {mode}, flaxauto fused attention", "", "",
+                                note=missing))  # fmt: skip
+            del forwards, fns, lowered
+    return rows
+
+
 # ------------------------------------------------------------------------------------ decode
 
 
@@ -538,7 +609,12 @@ def training_rows(sizes, device, ceilings, repeats, budget: Budget) -> list[dict
 
 # -------------------------------------------------------------------------------------- main
 
-SECTIONS = {"encoder": encoder_rows, "decode": decode_rows, "training": training_rows}
+SECTIONS = {
+    "encoder": encoder_rows,
+    "vision": vision_rows,
+    "decode": decode_rows,
+    "training": training_rows,
+}
 
 
 def row(device: Device, case, flaxauto, alternative, ratio=None, note="") -> dict:

@@ -14,7 +14,9 @@
 # Knobs (environment): OUT (default benchmarks/results/gpu_check), PYTHON (default python3),
 # GPU_CHECK_PLATFORM (JAX_PLATFORMS, default cuda), GPU_CHECK_SECONDS, GPU_CHECK_STAGES (default
 # "install versions tests gpu encoder decode"; a CPU check of this script leaves some out),
-# GPU_CHECK_TEST_SECONDS (the tests stage's limit, default 150).
+# GPU_CHECK_TEST_SECONDS (the tests stage's limit, default 150), GPU_CHECK_TEST_WORKERS (pytest-xdist
+# workers sharing the GPU, default 1: no xdist), GPU_CHECK_SECTIONS (gpu.py's sections, default all),
+# GPU_CHECK_GPU_SECONDS (the gpu stage's limit, default 270).
 set -uo pipefail
 
 OUT=${OUT:-$PWD/benchmarks/results/gpu_check}
@@ -112,8 +114,10 @@ conformance_tiers() {
   if [[ -f tests/test_attention.py ]]; then files+=(tests/test_attention.py); fi
   # JAX's default fp32 matmuls may be TF32 on NVIDIA GPUs (~1e-3 relative): the fp32 tolerances
   # were set for IEEE fp32, as PyTorch's reference computes, so these tests ask for it
+  local workers=(-p no:xdist)
+  if ((${GPU_CHECK_TEST_WORKERS:-1} > 1)); then workers=(-n "$GPU_CHECK_TEST_WORKERS"); fi
   JAX_DEFAULT_MATMUL_PRECISION=highest "$PYTHON" -P -m pytest "${files[@]}" \
-    -k "bf16 or fused" -p no:xdist -p no:cacheprovider -q -rfE 2>&1 | tee "$OUT/tests.txt"
+    -k "bf16 or fused" "${workers[@]}" -p no:cacheprovider -q -rfE 2>&1 | tee "$OUT/tests.txt"
   return "${PIPESTATUS[0]}"
 }
 
@@ -153,9 +157,11 @@ main() {
   stage versions "$(cap 60)" bash -c versions
   stage tests "$(cap ${GPU_CHECK_TEST_SECONDS:-150})" bash -c conformance_tiers
   local limit
-  limit=$(cap 270)
+  limit=$(cap ${GPU_CHECK_GPU_SECONDS:-270})
   # gpu.py starts no section later than its budget: imports and one section's overrun fit after
-  stage gpu "$limit" "$PYTHON" benchmarks/gpu.py --budget $((limit - 50))
+  local sections=()
+  if [[ -n ${GPU_CHECK_SECTIONS:-} ]]; then read -ra sections <<<"--sections $GPU_CHECK_SECTIONS"; fi
+  stage gpu "$limit" "$PYTHON" benchmarks/gpu.py --budget $((limit - 50)) "${sections[@]}"
   stage encoder "$(cap 80)" "$PYTHON" benchmarks/encoder.py --quick
   stage decode "$(cap 120)" "$PYTHON" benchmarks/decode.py --quick
   summary >"$OUT/gpu.md"
