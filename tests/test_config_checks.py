@@ -138,3 +138,15 @@ def test_whitelists_may_name_attributes_by_their_aliases():
     with pytest.raises(NotImplementedError, match="n_embd=64"):
         config_checks.check_config_attributes(config, [], "gpt2")
     config_checks.check_config_attributes(config, None, "gpt2")  # no whitelist: unchecked
+
+
+@pytest.mark.parametrize("spelling", ["qv_bias", "qkv_bias"])
+@pytest.mark.parametrize("value", [True, False])
+def test_videomae_reads_both_spellings_of_its_query_value_bias(spelling, value):
+    """transformers 5.24 renamed VideoMAE's `qkv_bias` to `qv_bias`; a config written by an
+    earlier 5.x (or read by one) carries the old name, and must not fall back to the default."""
+    from types import SimpleNamespace
+
+    from flaxauto.models.videomae import query_value_bias
+
+    assert query_value_bias(SimpleNamespace(**{spelling: value})) is value

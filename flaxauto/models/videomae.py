@@ -86,6 +86,12 @@ class VideoMAEEmbeddings(nnx.Module):
         return patches + _positions(self.num_patches, self.hidden_size).astype(patches.dtype)
 
 
+def query_value_bias(config) -> bool:
+    """transformers 5.24 renamed the option `qkv_bias` (what earlier 5.x configs carry) to
+    `qv_bias`; either spelling means the query and value biases."""
+    return getattr(config, "qv_bias", getattr(config, "qkv_bias", True))
+
+
 class VideoMAESelfAttention(ViTSelfAttention):
     """Projections without biases; the query and value biases are their own tensors."""
 
@@ -93,7 +99,7 @@ class VideoMAESelfAttention(ViTSelfAttention):
         super().__init__(
             config, precision, rngs, query_bias=False, key_bias=False, value_bias=False
         )
-        if config.qv_bias:
+        if query_value_bias(config):
             shape, axes = (config.hidden_size,), ("heads",)
             self.q_bias = layers.parameter(shape, axes, precision)
             self.v_bias = layers.parameter(shape, axes, precision)
@@ -171,6 +177,7 @@ register(
         "num_frames",
         "tubelet_size",
         "qv_bias",
+        "qkv_bias",
         "use_mean_pooling",
         # the pre-training decoder's (VideoMAEForPreTraining, not served)
         "decoder_num_attention_heads",
