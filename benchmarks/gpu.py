@@ -537,20 +537,22 @@ def decode_row(sizes, device, ceilings, repeats, config, dtype, batch, ids, mode
 # ---------------------------------------------------------------------------------- training
 
 
-def training_rows(sizes, device, ceilings, repeats, budget: Budget) -> list[dict]:
+def training_times(sizes, device, repeats, dropout=True, update=True):
+    """Median seconds of flaxauto's and PyTorch's BERT-base seq-cls AdamW step with bf16
+    compute on the same weights. `dropout` False zeroes both models' dropout; `update` False times
+    flaxauto's forward and backward without the optimizer (PyTorch's step stays whole)."""
     import jax
     import jax.numpy as jnp
     import optax
     import torch
     import transformers
-    from encoder import model_flops
     from flax import nnx
     from training import training_step
 
     import flaxauto
 
-    budget.check("training step", 60)
-    config = transformers.BertConfig(num_labels=3, **sizes.bert)
+    rates = {} if dropout else dict(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    config = transformers.BertConfig(num_labels=3, **sizes.bert, **rates)
     batch, length = sizes.train_batch, sizes.train_length
     rng = np.random.default_rng(0)
     ids = rng.integers(0, config.vocab_size, (batch, length))
@@ -569,6 +571,8 @@ def training_rows(sizes, device, ceilings, repeats, budget: Budget) -> list[dict
     ours.train()  # dropout on, as in torch's train()
 
     optimizer = optax.adamw(1e-4, weight_decay=0.01)  # torch AdamW's default decay
+    if not update:
+        optimizer = optax.set_to_zero()  # the step computes gradients and applies nothing
     _, params, rest = nnx.split(ours, nnx.Param, ...)
     state = [params, optimizer.init(params), rest]
     host_inputs = {"input_ids": ids, "attention_mask": mask, "labels": labels}
@@ -594,17 +598,57 @@ def training_rows(sizes, device, ceilings, repeats, budget: Budget) -> list[dict
         device.synchronize()
 
     times = common.interleaved({"flaxauto": flax_step, "torch": torch_step}, repeats)
-    flops = 3 * model_flops(config, batch, length)  # backward ~ twice the forward
+    return times["flaxauto"], times["torch"]
+
+
+def training_case(sizes) -> str:
+    return f"BERT-base seq-cls {sizes.train_batch}x{sizes.train_length} adamw step, bf16 compute"
+
+
+def training_rows(sizes, device, ceilings, repeats, budget: Budget) -> list[dict]:
+    from encoder import model_flops
+
+    budget.check("training step", 60)
+    ours, theirs = training_times(sizes, device, repeats)
+    config = _bert_config(sizes)
+    flops = 3 * model_flops(config, sizes.train_batch, sizes.train_length)  # backward ~ 2x
     peak = ceilings.rates["bf16"]
     return [row(
-        device, f"BERT-base seq-cls {batch}x{length} adamw step, bf16 compute",
-        utilisation(flops, times["flaxauto"], peak),
-        f"torch autocast bf16, {'fused ' if device.torch == 'cuda' else ''}AdamW {utilisation(flops, times['torch'], peak)}",
-        times["flaxauto"] / times["torch"],
+        device, training_case(sizes),
+        utilisation(flops, ours, peak),
+        f"torch autocast bf16, {'fused ' if device.torch == 'cuda' else ''}AdamW {utilisation(flops, theirs, peak)}",
+        ours / theirs,
         f"ratio: time, lower is better; MFU over the measured bf16 rate {peak / 1e12:.0f} "
         f"TFLOP/s (3x forward matmul FLOPs); fp32 params and optimizer state on both; "
         f"dropout on; flaxauto's default attention ({ATTENTION_KEYWORD} unset), torch sdpa",
     )]  # fmt: skip
+
+
+def _bert_config(sizes):
+    import transformers
+
+    return transformers.BertConfig(num_labels=3, **sizes.bert)
+
+
+# Where the training step's time goes: each variant changes one thing against the row above.
+TRAINING_VARIANTS = {
+    "dropout off (both)": dict(dropout=False),
+    "dropout off, gradients only (no optimizer in flaxauto's step)": dict(
+        dropout=False, update=False
+    ),
+}
+
+
+def training_variant_rows(sizes, device, ceilings, repeats, budget: Budget) -> list[dict]:
+    rows = []
+    for name, options in TRAINING_VARIANTS.items():
+        budget.check(f"training variant {name}", 45)
+        ours, theirs = training_times(sizes, device, repeats, **options)
+        rows.append(row(
+            device, f"{training_case(sizes)}: {name}", common.ms(ours),
+            f"torch {common.ms(theirs)}", ours / theirs, "ratio: time, lower is better",
+        ))  # fmt: skip
+    return rows
 
 
 # -------------------------------------------------------------------------------------- main
@@ -614,6 +658,7 @@ SECTIONS = {
     "vision": vision_rows,
     "decode": decode_rows,
     "training": training_rows,
+    "training-variants": training_variant_rows,
 }
 
 
