@@ -16,7 +16,8 @@
 # "install versions tests gpu encoder decode"; a CPU check of this script leaves some out),
 # GPU_CHECK_TEST_SECONDS (the tests stage's limit, default 150), GPU_CHECK_TEST_WORKERS (pytest-xdist
 # workers sharing the GPU, default 1: no xdist), GPU_CHECK_SECTIONS (gpu.py's sections, default all),
-# GPU_CHECK_GPU_SECONDS (the gpu stage's limit, default 270).
+# GPU_CHECK_GPU_SECONDS (the gpu stage's limit, default 270), GPU_CHECK_TEST_FILTER (a pytest -k
+# expression the tiers' tests must also match, e.g. "detr or yolos").
 set -uo pipefail
 
 OUT=${OUT:-$PWD/benchmarks/results/gpu_check}
@@ -116,8 +117,10 @@ conformance_tiers() {
   # were set for IEEE fp32, as PyTorch's reference computes, so these tests ask for it
   local workers=(-p no:xdist)
   if ((${GPU_CHECK_TEST_WORKERS:-1} > 1)); then workers=(-n "$GPU_CHECK_TEST_WORKERS"); fi
+  local only="bf16 or fused"
+  if [[ -n ${GPU_CHECK_TEST_FILTER:-} ]]; then only="($only) and ($GPU_CHECK_TEST_FILTER)"; fi
   JAX_DEFAULT_MATMUL_PRECISION=highest "$PYTHON" -P -m pytest "${files[@]}" \
-    -k "bf16 or fused" "${workers[@]}" -p no:cacheprovider -q -rfE 2>&1 | tee "$OUT/tests.txt"
+    -k "$only" "${workers[@]}" -p no:cacheprovider -q -rfE 2>&1 | tee "$OUT/tests.txt"
   return "${PIPESTATUS[0]}"
 }
 
