@@ -278,7 +278,9 @@ def initialize_abstract(model: Model, seed: int, mesh=None, rules=None) -> list[
                 rules = resolve_rules(rules)
                 value = put(value, variable_sharding(slot.variable, abstract.shape, mesh, rules))
             slot.variable.set_value(value)
-            if slot.part != "counter":  # a counter starts at zero unremarked, as in transformers
+            # a counter starts at zero and a computed table is computed, unremarked, as in
+            # transformers
+            if slot.part not in ("counter", "computed"):
                 fresh.add(id(slot.variable))
         if id(slot.variable) in fresh:
             initialised.append(name)

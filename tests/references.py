@@ -139,6 +139,12 @@ TINY_CONFIGS["bart"] = dict(
 TINY_CONFIGS["mbart"] = dict(TINY_CONFIGS["bart"], scale_embedding=True)
 # pre-norm, sinusoidal positions, no layernorm_embedding
 TINY_CONFIGS["pegasus"] = dict(TINY_CONFIGS["mbart"])
+# post-norm, sinusoidal positions computed (not saved), no layernorm_embedding, scaled embeddings,
+# opus-mt's ids: pad is the decoder start token, eos 0; swish as opus-mt's configs
+TINY_CONFIGS["marian"] = dict(
+    TINY_CONFIGS["bart"], scale_embedding=True, activation_function="swish", pad_token_id=1,
+    eos_token_id=0, bos_token_id=None, decoder_start_token_id=1, forced_eos_token_id=0,
+)  # fmt: skip
 PROBE_CONFIGS["detr"] = dict(
     use_timm_backbone=False, use_pretrained_backbone=False, backbone=None,
     backbone_config=dict(
@@ -185,7 +191,7 @@ DECODERS = {"gpt2", "llama", "mistral", "qwen2"}
 
 #: Encoder-decoders whose tokenizers end every row with one eos token (BART's classifiers pool
 #: the decoder output there).
-EOS_ENDED = {"bart", "mbart", "t5", "mt5", "umt5"}
+EOS_ENDED = {"bart", "mbart", "marian", "t5", "mt5", "umt5"}
 
 #: Tasks whose encoder-decoder classes build their decoder inputs from input_ids (BART's
 #: classifiers pool at input_ids' eos positions): their batches carry no decoder inputs.
