@@ -393,9 +393,14 @@ INPUT_FACTORIES = {
 
 def decoder_inputs(config, rng, batch: int) -> dict[str, np.ndarray]:
     """decoder_input_ids [B, T_dec], starting with the decoder start token as generation does."""
-    ids = rng.integers(4, config.vocab_size, size=(batch, DECODER_LENGTH))
+    ids = rng.integers(4, target_vocab_size(config), size=(batch, DECODER_LENGTH))
     ids[:, 0] = config.decoder_start_token_id
     return {"decoder_input_ids": ids}
+
+
+def target_vocab_size(config) -> int:
+    """The decoder's vocabulary: Marian's decoder_vocab_size where it has one."""
+    return getattr(config, "decoder_vocab_size", None) or config.vocab_size
 
 
 def takes_decoder_inputs(model_type: str, task: str) -> bool:
@@ -460,7 +465,7 @@ def _question_answering(config, inputs, rng):
 
 def _seq2seq(config, inputs, rng):
     """Target ids [B, T_dec], the tail of some rows ignored (-100) as a padded collator leaves it."""
-    labels = rng.integers(0, config.vocab_size, size=(_batch_size(inputs), DECODER_LENGTH))
+    labels = rng.integers(0, target_vocab_size(config), size=(_batch_size(inputs), DECODER_LENGTH))
     return {"labels": np.where(_padding_mask(labels.shape, rng) == 1, labels, -100)}
 
 

@@ -16,7 +16,7 @@ from flaxauto.heads.seq2seq import shift_tokens_right
 from references import max_diff, run_torch, task_inputs, torch_model
 
 #: model_types served by heads.seq2seq.Seq2SeqLMHead in this file's checks
-SEQ2SEQ = ("bart", "mbart", "pegasus")
+SEQ2SEQ = ("bart", "mbart", "pegasus", "marian")
 
 
 @pytest.fixture(scope="module", params=SEQ2SEQ)

@@ -381,7 +381,7 @@ class BartModel(nnx.Module):
         """The encoder alone."""
         layers.exactly_one(input_ids, inputs_embeds)
         if inputs_embeds is None:
-            inputs_embeds = self._embed_tokens(self.shared)(input_ids)
+            inputs_embeds = self._embed_tokens(self.get_input_embeddings())(input_ids)
         return self.encoder(
             inputs_embeds, attention_mask,
             output_hidden_states=output_hidden_states, output_attentions=output_attentions,
