@@ -87,6 +87,41 @@ def test_own_lm_head_checkpoint_as_t5_v1_1(model_type, tmp_path):
     assert torch.equal(reloaded.lm_head.weight, state["lm_head.weight"])
 
 
+def test_mt5_hub_checkpoint_with_its_own_lm_head_loads_it_as_transformers_5(tmp_path, caplog):
+    """Hub mT5 files carry an lm_head.weight apart from shared.weight. MT5Config forces
+    tie_word_embeddings=True, yet transformers 5 leaves tables whose files differ untied and
+    loads the file's lm_head: flaxauto builds the head untied for such a file, gives the same
+    logits, warns once naming the tensor, and saves it back; a file without one stays tied."""
+    reference = torch_model("mt5", "seq2seq-lm")
+    state = {k: v.contiguous() for k, v in reference.state_dict().items()}
+    state.pop("encoder.embed_tokens.weight"), state.pop("decoder.embed_tokens.weight")
+    generator = torch.Generator().manual_seed(5)
+    state["lm_head.weight"] = torch.randn(state["shared.weight"].shape, generator=generator)
+    reference.config.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps(config | {"tie_word_embeddings": False}))
+    save_file(state, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    hub_like = type(reference).from_pretrained(tmp_path).eval()
+    assert hub_like.config.tie_word_embeddings  # forced by MT5Config
+    assert torch.equal(hub_like.lm_head.weight, state["lm_head.weight"])  # yet the file's
+    inputs = task_inputs("mt5", "seq2seq-lm")
+    with caplog.at_level("WARNING", logger="flaxauto"):
+        model = flaxauto.AutoModelForSeq2SeqLM.from_pretrained(tmp_path)
+        flaxauto.AutoModelForSeq2SeqLM.from_pretrained(tmp_path)
+    warned = [
+        r for r in caplog.records if r.name == "flaxauto" and "lm_head.weight" in r.getMessage()
+    ]
+    assert len(warned) == 1, "warned once, naming the tensor"
+    assert not model.head.tied
+    assert max_diff(model(**inputs).logits, run_torch(hub_like, inputs).logits) <= 1e-4
+    model.save_pretrained(tmp_path / "saved")
+    reloaded = type(reference).from_pretrained(tmp_path / "saved")
+    assert torch.equal(reloaded.lm_head.weight, state["lm_head.weight"])
+    # transformers 5's own files (tied, no lm_head.weight) load tied
+    reference.save_pretrained(tmp_path / "tied")
+    assert flaxauto.AutoModelForSeq2SeqLM.from_pretrained(tmp_path / "tied").head.tied
+
+
 def test_cached_decoding_follows_the_query_slots(pair):
     """The decoder fed one token at a time through the cache (its relative bias rows at the
     new tokens' slots) gives the full forward's logits; the cross part is computed once."""

@@ -566,6 +566,8 @@ def heads(scaled_outputs: bool) -> dict[str, HeadSpec]:
     lm_options = {"scale_tied_output": True} if scaled_outputs else {}
     if scaled_outputs:
         lm_options["tie_attribute"] = "scale_decoder_outputs"
+    else:  # mT5: hub files carry their own lm_head, which transformers 5 loads untied
+        lm_options["untie_if_carried"] = "lm_head.weight"
     return {
         "base": HeadSpec(None),
         "seq2seq-lm": HeadSpec(Seq2SeqLMHead, options=lm_options, base_model_prefix=""),
