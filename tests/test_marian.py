@@ -203,3 +203,27 @@ def test_generation_with_opus_mt_settings_is_token_identical(opus_like, settings
     ours_unbanned = np.asarray(model.generate(ids, attention_mask=mask, bad_words_ids=None,
                                               **settings))  # fmt: skip
     np.testing.assert_array_equal(ours_unbanned, unbanned)
+
+
+def test_the_readme_translation_example_runs(tmp_path, monkeypatch):
+    """README's Marian example (tokenizer built locally) runs as written."""
+    import re
+
+    from test_api import README
+
+    block = re.search(
+        r"<!-- marian-example:start -->\n```python\n(.*?)```\n<!-- marian-example:end -->",
+        README.read_text(),
+        re.S,
+    )
+    assert block, "README.md lost its Marian example markers"
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    exec(compile(block.group(1), "README.md", "exec"), namespace)  # noqa: S102
+    translated = namespace["translated"]
+    assert translated.shape[0] == 2 and translated.shape[1] <= 12
+    assert (translated[:, 0] == namespace["tokenizer"].pad_token_id).all()  # the start token
+    pad = namespace["tokenizer"].pad_token_id
+    for row in translated[:, 1:]:  # the banned pad appears only as padding after eos
+        end = int(np.argmax(row == 0)) if np.any(row == 0) else len(row)
+        assert pad not in row[:end]

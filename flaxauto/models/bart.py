@@ -269,20 +269,11 @@ class BartEncoder(_Embeddings):
         length = inputs_embeds.shape[1]
         hidden = self.embed(inputs_embeds, jnp.arange(length, dtype=jnp.int32)[None, :])
         bias = layers.padding_bias(attention_mask)  # [B, 1, 1, T]
-        last, all_hidden, all_probs, _ = stacks.run_layers(
-            self.layers,
-            hidden,
-            lambda layer, hidden, _: (*layer(hidden, bias, output_attentions), None),
-            output_hidden_states=output_hidden_states,
-            output_attentions=output_attentions,
-            remat=self.remat,
-        )
-        last = self.final_norm(last)
-        if all_hidden is not None:  # transformers records the normed output last
-            all_hidden = (*all_hidden[:-1], last)
-        return BaseModelOutput(
-            last_hidden_state=last, hidden_states=all_hidden, attentions=all_probs
-        )
+        return stacks.run_encoder(
+            self.layers, hidden, lambda layer, h: layer(h, bias, output_attentions),
+            self.final_norm, output_hidden_states=output_hidden_states,
+            output_attentions=output_attentions, remat=self.remat,
+        )  # fmt: skip
 
 
 class BartDecoder(_Embeddings, DecoderBackbone):
