@@ -429,18 +429,21 @@ def from_pretrained(
 
 
 def _carried_head(config, task: str, checkpoint) -> dict | None:
-    """Head options the checkpoint decides: a head declared `untie_if_carried` (mT5's lm_head)
-    is built untied when the file carries its own tensor, which transformers 5 then loads
-    instead of tying it (its MT5Config forces tie_word_embeddings=True, but tied tables whose
-    files hold different values are left untied). Reads the files' headers only."""
+    """Head options the checkpoint decides: a head declared `untie_if_differs` (mT5's lm_head)
+    is built untied when the file carries its own tensor with values apart from the table it
+    ties to, which transformers 5 then loads instead of tying it (its MT5Config forces
+    tie_word_embeddings=True, but tied tables whose files hold different values are left
+    untied). Reads the two tensors, before any parameter is loaded."""
     _, spec = registry.lookup(config.model_type, task)
-    carried = spec.options.get("untie_if_carried")
-    if not carried:
+    if not spec.options.get("untie_if_differs"):
         return None
+    carried, table = spec.options["untie_if_differs"]
     with open_tensors(checkpoint) as source:
-        present = carried in set(source.keys())
-    if not present:
-        return None
+        keys = set(source.keys())
+        if carried not in keys:
+            return None
+        if table in keys and np.array_equal(source.read(carried), source.read(table)):
+            return None  # one table under two names: tied, as transformers ties it
     _warn_once(
         f"{config.model_type}: the checkpoint carries its own {carried}; loaded as the lm_head "
         "(untied from the token table), as transformers 5 loads it, although the config says "

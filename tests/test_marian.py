@@ -227,3 +227,22 @@ def test_the_readme_translation_example_runs(tmp_path, monkeypatch):
     for row in translated[:, 1:]:  # the banned pad appears only as padding after eos
         end = int(np.argmax(row == 0)) if np.any(row == 0) else len(row)
         assert pad not in row[:end]
+
+
+def test_a_carried_position_table_loads_as_transformers_loads_it(tmp_path):
+    """A checkpoint that carries its tables (MarianModel's files do) is read, not recomputed:
+    a table changed in the file changes both models' outputs alike."""
+    reference = torch_model("marian", "base")
+    with torch.no_grad():
+        reference.encoder.embed_positions.weight.mul_(1.5)
+    reference.save_pretrained(tmp_path)
+    reloaded = type(reference).from_pretrained(tmp_path).eval()
+    assert torch.equal(
+        reloaded.encoder.embed_positions.weight, reference.encoder.embed_positions.weight
+    )
+    model = flaxauto.AutoModel.from_pretrained(tmp_path)
+    inputs = task_inputs("marian", "base", config=reference.config)
+    expected = run_torch(reloaded, inputs)
+    out = model(**inputs)
+    assert max_diff(out.encoder_last_hidden_state, expected.encoder_last_hidden_state) <= TOLERANCE
+    assert max_diff(out.last_hidden_state, expected.last_hidden_state) <= TOLERANCE

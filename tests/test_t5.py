@@ -15,7 +15,7 @@ from transformers.models.t5.modeling_t5 import T5Attention
 
 import flaxauto
 from flaxauto.models import t5
-from references import max_diff, run_torch, task_inputs, torch_model
+from references import max_diff, run_torch, save_bin, task_inputs, torch_model
 
 T5_TYPES = ("t5", "mt5", "umt5")
 
@@ -95,11 +95,17 @@ def test_own_lm_head_checkpoint_as_t5_v1_1(model_type, tmp_path):
     assert torch.equal(reloaded.lm_head.weight, lm_head)
 
 
-def test_mt5_hub_checkpoint_with_its_own_lm_head_loads_it_as_transformers_5(tmp_path, caplog):
+def test_mt5_hub_checkpoint_with_its_own_lm_head_loads_it_as_transformers_5(
+    tmp_path, caplog, monkeypatch
+):
     """Hub mT5 files carry an lm_head.weight apart from shared.weight. MT5Config forces
     tie_word_embeddings=True, yet transformers 5 leaves tables whose files differ untied and
     loads the file's lm_head: flaxauto builds the head untied for such a file, gives the same
-    logits, warns once naming the tensor, and saves it back; a file without one stays tied."""
+    logits, warns once naming the tensor, and saves it back; a file without one, or with an
+    equal copy, stays tied."""
+    from flaxauto import modeling
+
+    monkeypatch.setattr(modeling, "_WARNED", set())  # another test may have warned already
     reference = torch_model("mt5", "seq2seq-lm")
     lm_head = hub_checkpoint_with_own_lm_head(reference, tmp_path)
     hub_like = type(reference).from_pretrained(tmp_path).eval()
@@ -118,9 +124,12 @@ def test_mt5_hub_checkpoint_with_its_own_lm_head_loads_it_as_transformers_5(tmp_
     model.save_pretrained(tmp_path / "saved")
     reloaded = type(reference).from_pretrained(tmp_path / "saved")
     assert torch.equal(reloaded.lm_head.weight, lm_head)
-    # transformers 5's own files (tied, no lm_head.weight) load tied
+    # transformers 5's own files (tied, no lm_head.weight) load tied, and so does a file with
+    # an equal copy (torch.save of the tied state_dict)
     reference.save_pretrained(tmp_path / "tied")
     assert flaxauto.AutoModelForSeq2SeqLM.from_pretrained(tmp_path / "tied").head.tied
+    save_bin(reference, tmp_path / "copy")
+    assert flaxauto.AutoModelForSeq2SeqLM.from_pretrained(tmp_path / "copy").head.tied
 
 
 def test_cached_decoding_follows_the_query_slots(pair):

@@ -562,7 +562,7 @@ def heads(scaled_outputs: bool) -> dict[str, HeadSpec]:
     if scaled_outputs:
         lm_options["tie_attribute"] = "scale_decoder_outputs"
     else:  # mT5: hub files carry their own lm_head, which transformers 5 loads untied
-        lm_options["untie_if_carried"] = "lm_head.weight"
+        lm_options["untie_if_differs"] = ("lm_head.weight", "shared.weight")
     return {
         "base": HeadSpec(None),
         "seq2seq-lm": HeadSpec(Seq2SeqLMHead, options=lm_options, base_model_prefix=""),
