@@ -8,9 +8,11 @@ the returned sequence (the best beam), as a user sees them. flaxauto's generate 
 program (encoder, prefill and the while_loop over steps); transformers' is PyTorch
 `generate(num_beams=4)` under inference_mode with as many threads as JAX has cores. The encoder
 row times the encoder alone (batch 8 x 128 tokens): flaxauto's `backbone.encode` jitted over
-the split state, transformers' `model.get_encoder()`. Medians of interleaved runs after warm-up.
+the split state, transformers' `model.get_encoder()`. The Marian row is the same beam search at
+opus-mt-en-de's shape (6 + 6 layers of 512, swish, sinusoids) with opus-mt's bad_words_ids
+[[pad]]. Medians of interleaved runs after warm-up.
 
-    python benchmarks/seq2seq.py [--quick]
+    python benchmarks/seq2seq.py [--quick] [--only bart|marian]
 """
 
 from __future__ import annotations
@@ -35,34 +37,64 @@ def bart_base_config():
     )  # fmt: skip
 
 
-def main(argv=None) -> list[dict]:
-    args = common.parser(__doc__.splitlines()[0]).parse_args(argv)
-    import torch
+def opus_mt_config():
     import transformers
 
+    return transformers.MarianConfig(
+        vocab_size=58101, decoder_vocab_size=58101, d_model=512, encoder_layers=6,
+        decoder_layers=6, encoder_attention_heads=8, decoder_attention_heads=8,
+        encoder_ffn_dim=2048, decoder_ffn_dim=2048, max_position_embeddings=512,
+        activation_function="swish", scale_embedding=True, pad_token_id=58100,
+        decoder_start_token_id=58100, eos_token_id=0, forced_eos_token_id=0,
+    )  # fmt: skip
+
+
+def _pair(transformers_class, config):
+    """(flaxauto model, transformers model) on the same random weights."""
+    import torch
+
     import flaxauto
+
+    with tempfile.TemporaryDirectory() as directory:
+        torch.manual_seed(0)
+        transformers_class(config).save_pretrained(directory)
+        reference = transformers_class.from_pretrained(directory).eval()
+        model = flaxauto.AutoModelForSeq2SeqLM.from_pretrained(directory)
+    return model, reference
+
+
+def main(argv=None) -> list[dict]:
+    parser = common.parser(__doc__.splitlines()[0])
+    parser.add_argument("--only", choices=("bart", "marian"))
+    args = parser.parse_args(argv)
+    import torch
+    import transformers
 
     threads = common.cores()
     torch.set_num_threads(threads)
     repeats = 2 if args.quick else 5
-    with tempfile.TemporaryDirectory() as directory:
-        torch.manual_seed(0)
-        transformers.BartForConditionalGeneration(bart_base_config()).save_pretrained(directory)
-        reference = transformers.BartForConditionalGeneration.from_pretrained(directory).eval()
-        model = flaxauto.AutoModelForSeq2SeqLM.from_pretrained(directory)
     rng = np.random.default_rng(0)
     note = f"{threads} threads; load average {os.getloadavg()[0]:.1f}"
-    return [beam_search(model, reference, rng, repeats, note), encoder(model, reference, rng,
-                                                                      repeats, note)]  # fmt: skip
+    rows = []
+    if args.only in (None, "bart"):
+        model, reference = _pair(transformers.BartForConditionalGeneration, bart_base_config())
+        rows.append(beam_search(model, reference, rng, repeats, note, "BART-base"))
+        rows.append(encoder(model, reference, rng, repeats, note))
+    if args.only in (None, "marian"):
+        model, reference = _pair(transformers.MarianMTModel, opus_mt_config())
+        pad = model.config.pad_token_id
+        rows.append(beam_search(model, reference, rng, repeats, note, "opus-mt (Marian)",
+                                bad_words_ids=[[pad]]))  # fmt: skip
+    return rows
 
 
-def beam_search(model, reference, rng, repeats: int, note: str) -> dict:
+def beam_search(model, reference, rng, repeats: int, note: str, shape: str, **extra) -> dict:
     import torch
 
-    ids = rng.integers(3, model.config.vocab_size, (1, SOURCE))
+    ids = rng.integers(3, model.config.vocab_size - 1, (1, SOURCE))
     settings = dict(
         num_beams=BEAMS, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False,
-        no_repeat_ngram_size=0, early_stopping=True,
+        no_repeat_ngram_size=0, early_stopping=True, **extra,
     )  # fmt: skip
 
     def ours():
@@ -78,7 +110,7 @@ def beam_search(model, reference, rng, repeats: int, note: str) -> dict:
     ours_rate, theirs_rate = NEW_TOKENS / times["flaxauto"], NEW_TOKENS / times["torch"]
     return common.row(
         "seq2seq",
-        f"BART-base shape beam search ({BEAMS} beams), batch 1, {SOURCE}-token source",
+        f"{shape} shape beam search ({BEAMS} beams), batch 1, {SOURCE}-token source",
         f"{ours_rate:.1f} tok/s",
         f"transformers {theirs_rate:.1f} tok/s",
         ours_rate / theirs_rate,

@@ -88,8 +88,9 @@ class Slot:
     torch_name: str
     layout: str | None
     # "backbone" (required), "optional" (a backbone module a checkpoint may lack: initialised and
-    # reported), "counter" (a statistic such as num_batches_tracked: zero when absent, silently)
-    # or "head"
+    # reported), "counter" (a statistic such as num_batches_tracked: zero when absent, silently),
+    # "computed" (a table transformers computes at init and neither requires nor always saves,
+    # Marian's sinusoids: loaded when present, filled by its init when absent, silently) or "head"
     part: str
     # "normal", "zeros", "ones", "sinusoidal(-halves, -timescales)", "kaiming_fan_out" or a float:
     # transformers' _init_weights
@@ -188,6 +189,8 @@ def parameter_slots(model) -> dict[str, Slot]:
                     part = "optional" if optional else "backbone"
                     if variable.get_metadata("counter", False):
                         part = "counter"
+                    elif variable.get_metadata("computed", False):
+                        part = "computed"
                 else:
                     names, part = [_rename(n, spec.names) for n in names], "head"
                 name, *legacy = names
@@ -282,8 +285,12 @@ def initial_value(slot: Slot, key: jax.Array, std: float) -> jax.Array:
 
 def export_tensors(model):
     """(PyTorch name, numpy array in PyTorch layout and dtype) for every saved tensor, in model
-    order; a table the family ties is written once, under its owner's name (as transformers)."""
+    order; a table the family ties is written once, under its owner's name (as transformers);
+    the task's keys_to_ignore_on_save (HeadSpec) are not written."""
+    unsaved = model.head_spec.keys_to_ignore_on_save
     for name, slot in parameter_slots(model).items():
+        if any(name == key or name.endswith("." + key) for key in unsaved):
+            continue
         value = slot.variable.get_value()
         value = value if slot.index is None else value[slot.index]
         yield name, slot.to_torch(np.asarray(jax.device_get(value)))

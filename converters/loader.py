@@ -122,7 +122,7 @@ def plan_load(model, source, ignore_mismatched_sizes: bool = False) -> _Plan:
             plan.problems.append(f"duplicate: {key} fills {slot.torch_name} a second time")
     filled = set(filled_by) | reinitialized
     for name, slot in slots.items():
-        if name in filled or slot.part == "counter":  # a counter absent starts at zero
+        if name in filled or slot.part in ("counter", "computed"):  # filled by init, silently
             continue
         if slot.part == "backbone":
             plan.problems.append(f"missing: {name}")

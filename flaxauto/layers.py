@@ -278,6 +278,21 @@ class PaddingEmbed(nnx.Embed):
         return jnp.where(padding, jax.lax.stop_gradient(looked_up), looked_up)
 
 
+class FixedTable(nnx.Module):
+    """A position table torch keeps frozen (nn.Embedding(_freeze=True): Marian's and Pegasus'
+    sinusoids): a Buffer named `weight`, so an optimiser over nnx.Param leaves it alone, as
+    torch's does. computed: transformers computes it at init and neither saves nor requires it
+    (Marian): converters.layout gives it the slot kind "computed" (filled by its init when a
+    checkpoint lacks it, silently)."""
+
+    def __init__(self, num: int, features: int, axes, dtype, *, init: str, computed: bool):
+        metadata = _axes(*axes) | ({"computed": True} if computed else {})
+        self.weight = Buffer(_placeholder(None, (num, features), dtype), init=init, **metadata)
+
+    def __call__(self, ids: Array) -> Array:  # [...] -> [..., features]
+        return jnp.take(self.weight[...], ids, axis=0)
+
+
 def sinusoidal_table(num: int, features: int, *, halves: bool = False) -> np.ndarray:
     """[num, features]: sin on even features, cos on odd, frequency 10000^(-2*(j//2)/features);
     with halves (Marian, Pegasus) the sines of the even features fill the first half and the

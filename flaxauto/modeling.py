@@ -64,6 +64,7 @@ class Model(nnx.Module):
         *,
         scan_layers: bool = False,
         remat: bool = False,
+        head_overrides: dict | None = None,
     ):
         family, spec = registry.lookup(config.model_type, task)
         config_checks.check_config_attributes(
@@ -77,7 +78,7 @@ class Model(nnx.Module):
             self.head = nnx.data(None)
         else:
             head_options = registry.resolve_options(spec.options, config)
-            self.head = spec.head(config, precision, rngs, **head_options)
+            self.head = spec.head(config, precision, rngs, **head_options | (head_overrides or {}))
 
     config = property(lambda self: self.static.config)
     family = property(lambda self: self.static.family)
@@ -251,14 +252,18 @@ def _execution_options(family, **requested) -> dict:
     return options
 
 
-def build_abstract(config, task: str, precision: layers.Precision, **execution) -> Model:
+def build_abstract(
+    config, task: str, precision: layers.Precision, head_overrides=None, **execution
+) -> Model:
     """The model with every variable a ShapeDtypeStruct: no memory, no initialisation.
 
     Built without tracing: the layers' initialisers return shapes and the RNG streams are
     deferred (layers.abstract_rngs), so no jax program runs; initialize_abstract gives values.
     execution: scan_layers (stack the layers and run them with jax.lax.scan: compile time stays
     flat in depth) and remat (recompute each layer's activations in the backward pass)."""
-    return Model(config, task, precision, layers.abstract_rngs(), **execution)
+    return Model(
+        config, task, precision, layers.abstract_rngs(), head_overrides=head_overrides, **execution
+    )
 
 
 def initialize_abstract(model: Model, seed: int, mesh=None, rules=None) -> list[str]:
@@ -278,7 +283,9 @@ def initialize_abstract(model: Model, seed: int, mesh=None, rules=None) -> list[
                 rules = resolve_rules(rules)
                 value = put(value, variable_sharding(slot.variable, abstract.shape, mesh, rules))
             slot.variable.set_value(value)
-            if slot.part != "counter":  # a counter starts at zero unremarked, as in transformers
+            # a counter starts at zero and a computed table is computed, unremarked, as in
+            # transformers
+            if slot.part not in ("counter", "computed"):
                 fresh.add(id(slot.variable))
         if id(slot.variable) in fresh:
             initialised.append(name)
@@ -388,7 +395,10 @@ def from_pretrained(
     if keep_dtypes:
         param_dtype = _checkpoint_float_dtype(checkpoint)
     precision = _precision(dtype, param_dtype, attn_implementation)
-    model = build_abstract(config, task, precision, scan_layers=scan_layers, remat=remat)
+    model = build_abstract(
+        config, task, precision, _carried_head(config, task, checkpoint),
+        scan_layers=scan_layers, remat=remat,
+    )  # fmt: skip
     if mesh is not None:
         from flaxauto.sharding import resolve_rules
 
@@ -416,6 +426,39 @@ def from_pretrained(
             path.parent, config_file_name=path.name
         )
     return (model, info.as_dict()) if output_loading_info else model
+
+
+def _carried_head(config, task: str, checkpoint) -> dict | None:
+    """Head options the checkpoint decides: a head declared `untie_if_differs` (mT5's lm_head)
+    is built untied when the file carries its own tensor with values apart from the table it
+    ties to, which transformers 5 then loads instead of tying it (its MT5Config forces
+    tie_word_embeddings=True, but tied tables whose files hold different values are left
+    untied). Reads the two tensors, before any parameter is loaded."""
+    _, spec = registry.lookup(config.model_type, task)
+    if not spec.options.get("untie_if_differs"):
+        return None
+    carried, table = spec.options["untie_if_differs"]
+    with open_tensors(checkpoint) as source:
+        keys = set(source.keys())
+        if carried not in keys:
+            return None
+        if table in keys and np.array_equal(source.read(carried), source.read(table)):
+            return None  # one table under two names: tied, as transformers ties it
+    _warn_once(
+        f"{config.model_type}: the checkpoint carries its own {carried}; loaded as the lm_head "
+        "(untied from the token table), as transformers 5 loads it, although the config says "
+        "tie_word_embeddings=True"
+    )
+    return {"tied": False}
+
+
+_WARNED: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    if message not in _WARNED:
+        _WARNED.add(message)
+        logger.warning(message)
 
 
 def _checkpoint_float_dtype(checkpoint) -> np.dtype:

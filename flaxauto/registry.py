@@ -79,6 +79,7 @@ BUILTIN_FAMILIES: dict[str, str] = {
     "bart": "bart",
     "mbart": "mbart",
     "pegasus": "pegasus",
+    "marian": "marian",
     "t5": "t5",
     "mt5": "t5",
     "umt5": "t5",
@@ -117,6 +118,8 @@ class HeadSpec:
         (e.g. {"add_pooling_layer": False}).
     base_model_prefix: where this task's transformers class differs from its family's
         (LlamaForQuestionAnswering: "transformer"); None keeps the family's.
+    keys_to_ignore_on_save: the ends of PyTorch names (at a dot) save_pretrained does not write,
+        as the transformers class's own _keys_to_ignore_on_save (MarianMTModel's sinusoids).
     """
 
     head: type | None
@@ -124,6 +127,7 @@ class HeadSpec:
     options: Mapping[str, Any] = field(default_factory=dict)
     backbone_options: Mapping[str, Any] = field(default_factory=dict)
     base_model_prefix: str | None = None
+    keys_to_ignore_on_save: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -88,6 +88,27 @@ class Encoder(nnx.Module):
         return last, all_hidden, all_probs
 
 
+def run_encoder(
+    layer_stack, hidden_states, call, final_norm, *,
+    output_hidden_states: bool, output_attentions: bool, remat: bool = False,
+) -> BaseModelOutput:  # fmt: skip
+    """An encoder stack's forward: `call(layer, hidden) -> (hidden, probs)` over the layers, then
+    `final_norm`. As in transformers, hidden_states ends with the normed output rather than the
+    last layer's own (BART, T5, Whisper encoders)."""
+    last, all_hidden, all_probs, _ = run_layers(
+        layer_stack,
+        hidden_states,
+        lambda layer, hidden, _: (*call(layer, hidden), None),
+        output_hidden_states=output_hidden_states,
+        output_attentions=output_attentions,
+        remat=remat,
+    )
+    last = final_norm(last)
+    if all_hidden is not None:
+        all_hidden = (*all_hidden[:-1], last)
+    return BaseModelOutput(last_hidden_state=last, hidden_states=all_hidden, attentions=all_probs)
+
+
 def run_layers(
     layer_stack,
     hidden_states,

@@ -108,6 +108,11 @@ class Seq2SeqLMHead(Head, DecodingHead):
     tie_attribute: the config attribute saying whether the lm_head is tied (T5 and UMT5:
         "scale_decoder_outputs", the trace their configs keep of the checkpoint's
         tie_word_embeddings while forcing that attribute itself to True).
+    untie_if_differs: (the head's PyTorch name, the table's), ("lm_head.weight",
+        "shared.weight") for mT5: a checkpoint carrying the first with values apart from the
+        second makes from_pretrained build this head untied (tied=False) and load it, as
+        transformers 5 does (see flaxauto.modeling._carried_head).
+    tied: overrides tie_attribute (from_pretrained passes it; see untie_if_differs).
 
     labels [B, T] become decoder_input_ids by shifting right behind decoder_start_token_id
     when none are given; the loss is the mean cross-entropy over labels != -100.
@@ -124,9 +129,11 @@ class Seq2SeqLMHead(Head, DecodingHead):
         vocab_attribute: str = "vocab_size",
         wrap_last_token: bool = False,
         tie_attribute: str = "tie_word_embeddings",
+        untie_if_differs: tuple[str, str] | None = None,
+        tied: bool | None = None,
     ):
         vocab = getattr(config, vocab_attribute)
-        self.tied = bool(getattr(config, tie_attribute, True))
+        self.tied = bool(getattr(config, tie_attribute, True)) if tied is None else tied
         if self.tied:
             self.lm_head = nnx.data(None)
             self.tied_names = ("lm_head.weight",)

@@ -139,6 +139,12 @@ TINY_CONFIGS["bart"] = dict(
 TINY_CONFIGS["mbart"] = dict(TINY_CONFIGS["bart"], scale_embedding=True)
 # pre-norm, sinusoidal positions, no layernorm_embedding
 TINY_CONFIGS["pegasus"] = dict(TINY_CONFIGS["mbart"])
+# post-norm, sinusoidal positions computed (not saved), no layernorm_embedding, scaled embeddings,
+# opus-mt's ids: pad is the decoder start token, eos 0; swish as opus-mt's configs
+TINY_CONFIGS["marian"] = dict(
+    TINY_CONFIGS["bart"], scale_embedding=True, activation_function="swish", pad_token_id=1,
+    eos_token_id=0, bos_token_id=None, decoder_start_token_id=1, forced_eos_token_id=0,
+)  # fmt: skip
 PROBE_CONFIGS["detr"] = dict(
     use_timm_backbone=False, use_pretrained_backbone=False, backbone=None,
     backbone_config=dict(
@@ -185,7 +191,7 @@ DECODERS = {"gpt2", "llama", "mistral", "qwen2"}
 
 #: Encoder-decoders whose tokenizers end every row with one eos token (BART's classifiers pool
 #: the decoder output there).
-EOS_ENDED = {"bart", "mbart", "t5", "mt5", "umt5"}
+EOS_ENDED = {"bart", "mbart", "marian", "t5", "mt5", "umt5"}
 
 #: Tasks whose encoder-decoder classes build their decoder inputs from input_ids (BART's
 #: classifiers pool at input_ids' eos positions): their batches carry no decoder inputs.
@@ -387,9 +393,14 @@ INPUT_FACTORIES = {
 
 def decoder_inputs(config, rng, batch: int) -> dict[str, np.ndarray]:
     """decoder_input_ids [B, T_dec], starting with the decoder start token as generation does."""
-    ids = rng.integers(4, config.vocab_size, size=(batch, DECODER_LENGTH))
+    ids = rng.integers(4, target_vocab_size(config), size=(batch, DECODER_LENGTH))
     ids[:, 0] = config.decoder_start_token_id
     return {"decoder_input_ids": ids}
+
+
+def target_vocab_size(config) -> int:
+    """The decoder's vocabulary: Marian's decoder_vocab_size where it has one."""
+    return getattr(config, "decoder_vocab_size", None) or config.vocab_size
 
 
 def takes_decoder_inputs(model_type: str, task: str) -> bool:
@@ -454,7 +465,7 @@ def _question_answering(config, inputs, rng):
 
 def _seq2seq(config, inputs, rng):
     """Target ids [B, T_dec], the tail of some rows ignored (-100) as a padded collator leaves it."""
-    labels = rng.integers(0, config.vocab_size, size=(_batch_size(inputs), DECODER_LENGTH))
+    labels = rng.integers(0, target_vocab_size(config), size=(_batch_size(inputs), DECODER_LENGTH))
     return {"labels": np.where(_padding_mask(labels.shape, rng) == 1, labels, -100)}
 
 

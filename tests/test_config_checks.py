@@ -53,6 +53,7 @@ UNIMPLEMENTED = {
     "bart": {"is_decoder": True},
     "mbart": {"is_decoder": True},
     "pegasus": {"is_decoder": True},
+    "marian": {"is_decoder": True},
     # T5's stacks as a decoder-only model
     "t5": {"is_decoder": True},
     "mt5": {"is_decoder": True},

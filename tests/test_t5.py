@@ -15,7 +15,7 @@ from transformers.models.t5.modeling_t5 import T5Attention
 
 import flaxauto
 from flaxauto.models import t5
-from references import max_diff, run_torch, task_inputs, torch_model
+from references import max_diff, run_torch, save_bin, task_inputs, torch_model
 
 T5_TYPES = ("t5", "mt5", "umt5")
 
@@ -61,21 +61,29 @@ def pair(request, tmp_path_factory):
     return model_type, reference, flaxauto.AutoModelForSeq2SeqLM.from_pretrained(directory)
 
 
+def hub_checkpoint_with_own_lm_head(reference, directory) -> torch.Tensor:
+    """Write `reference` as hub T5 v1.1 / mT5 files are: config.json with
+    tie_word_embeddings=false (no scale_decoder_outputs, which transformers 5 adds) and a
+    model.safetensors whose lm_head.weight differs from shared.weight. -> that lm_head."""
+    state = {k: v.contiguous() for k, v in reference.state_dict().items()}
+    state.pop("encoder.embed_tokens.weight"), state.pop("decoder.embed_tokens.weight")
+    generator = torch.Generator().manual_seed(5)
+    state["lm_head.weight"] = torch.randn(state["shared.weight"].shape, generator=generator)
+    reference.config.save_pretrained(directory)
+    config = json.loads((directory / "config.json").read_text())
+    config.pop("scale_decoder_outputs", None)
+    (directory / "config.json").write_text(json.dumps(config | {"tie_word_embeddings": False}))
+    save_file(state, directory / "model.safetensors", metadata={"format": "pt"})
+    return state["lm_head.weight"]
+
+
 @pytest.mark.parametrize("model_type", ["t5", "umt5"])
 def test_own_lm_head_checkpoint_as_t5_v1_1(model_type, tmp_path):
     """T5 v1.1 / flan-T5 / UMT5 hub checkpoints: config.json says tie_word_embeddings=false and
     the file holds an lm_head.weight of its own; transformers then neither ties nor rescales the
     decoder output. Loaded here with the same logits, and saved back with the lm_head."""
     reference = torch_model(model_type, "seq2seq-lm")
-    state = {k: v.contiguous() for k, v in reference.state_dict().items()}
-    state.pop("encoder.embed_tokens.weight"), state.pop("decoder.embed_tokens.weight")
-    generator = torch.Generator().manual_seed(5)
-    state["lm_head.weight"] = torch.randn(state["shared.weight"].shape, generator=generator)
-    reference.config.save_pretrained(tmp_path)
-    config = json.loads((tmp_path / "config.json").read_text())
-    config.pop("scale_decoder_outputs", None)  # transformers 5 writes it; hub configs hold none
-    (tmp_path / "config.json").write_text(json.dumps(config | {"tie_word_embeddings": False}))
-    save_file(state, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    lm_head = hub_checkpoint_with_own_lm_head(reference, tmp_path)
     hub_like = type(reference).from_pretrained(tmp_path).eval()
     assert not hub_like.config.scale_decoder_outputs
     assert not torch.equal(hub_like.lm_head.weight, hub_like.shared.weight)
@@ -84,7 +92,44 @@ def test_own_lm_head_checkpoint_as_t5_v1_1(model_type, tmp_path):
     assert max_diff(model(**inputs).logits, run_torch(hub_like, inputs).logits) <= 1e-4
     model.save_pretrained(tmp_path / "saved")
     reloaded = type(reference).from_pretrained(tmp_path / "saved")
-    assert torch.equal(reloaded.lm_head.weight, state["lm_head.weight"])
+    assert torch.equal(reloaded.lm_head.weight, lm_head)
+
+
+def test_mt5_hub_checkpoint_with_its_own_lm_head_loads_it_as_transformers_5(
+    tmp_path, caplog, monkeypatch
+):
+    """Hub mT5 files carry an lm_head.weight apart from shared.weight. MT5Config forces
+    tie_word_embeddings=True, yet transformers 5 leaves tables whose files differ untied and
+    loads the file's lm_head: flaxauto builds the head untied for such a file, gives the same
+    logits, warns once naming the tensor, and saves it back; a file without one, or with an
+    equal copy, stays tied."""
+    from flaxauto import modeling
+
+    monkeypatch.setattr(modeling, "_WARNED", set())  # another test may have warned already
+    reference = torch_model("mt5", "seq2seq-lm")
+    lm_head = hub_checkpoint_with_own_lm_head(reference, tmp_path)
+    hub_like = type(reference).from_pretrained(tmp_path).eval()
+    assert hub_like.config.tie_word_embeddings  # forced by MT5Config
+    assert torch.equal(hub_like.lm_head.weight, lm_head)  # yet the file's
+    inputs = task_inputs("mt5", "seq2seq-lm")
+    with caplog.at_level("WARNING", logger="flaxauto"):
+        model = flaxauto.AutoModelForSeq2SeqLM.from_pretrained(tmp_path)
+        flaxauto.AutoModelForSeq2SeqLM.from_pretrained(tmp_path)
+    warned = [
+        r for r in caplog.records if r.name == "flaxauto" and "lm_head.weight" in r.getMessage()
+    ]
+    assert len(warned) == 1, "warned once, naming the tensor"
+    assert not model.head.tied
+    assert max_diff(model(**inputs).logits, run_torch(hub_like, inputs).logits) <= 1e-4
+    model.save_pretrained(tmp_path / "saved")
+    reloaded = type(reference).from_pretrained(tmp_path / "saved")
+    assert torch.equal(reloaded.lm_head.weight, lm_head)
+    # transformers 5's own files (tied, no lm_head.weight) load tied, and so does a file with
+    # an equal copy (torch.save of the tied state_dict)
+    reference.save_pretrained(tmp_path / "tied")
+    assert flaxauto.AutoModelForSeq2SeqLM.from_pretrained(tmp_path / "tied").head.tied
+    save_bin(reference, tmp_path / "copy")
+    assert flaxauto.AutoModelForSeq2SeqLM.from_pretrained(tmp_path / "copy").head.tied
 
 
 def test_cached_decoding_follows_the_query_slots(pair):

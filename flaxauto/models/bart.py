@@ -48,8 +48,13 @@ class BartVariant:
     final_layer_norms: bool = False
     #: `layernorm_embedding` after the embeddings (BART, mBART)
     layernorm_embedding: bool = True
-    #: "learned" (BART's table, read at position + 2) or "sinusoidal" (Marian, Pegasus)
+    #: "learned" (BART's table, read at position + 2), "sinusoidal" (Pegasus: a frozen table
+    #: checkpoints carry) or "sinusoidal-computed" (Marian: a frozen table transformers computes
+    #: at init, neither requires nor, in MarianMTModel, saves)
     positions: str = "learned"
+    #: decoder_inputs_embeds are scaled by embed_scale as looked-up tokens are (Marian, Pegasus:
+    #: the decoder scales whatever embeddings it gets; BART scales inside its token table)
+    scale_decoder_inputs_embeds: bool = False
     #: decoder inputs made from input_ids / labels start with each row's last non-pad token
     #: (mBART's language id) instead of decoder_start_token_id
     wrap_last_token: bool = False
@@ -59,6 +64,11 @@ BART = BartVariant()
 
 #: BART's learned position table holds 2 rows before position 0 (fairseq's padding offset)
 LEARNED_POSITION_OFFSET = 2
+
+
+def shares_embeddings(config) -> bool:
+    """One token table for both stacks (all but Marian's share_encoder_decoder_embeddings=False)."""
+    return bool(getattr(config, "share_encoder_decoder_embeddings", True))
 
 
 def check_config(config) -> None:
@@ -207,10 +217,10 @@ class _Embeddings(nnx.Module):
             rows = config.max_position_embeddings + LEARNED_POSITION_OFFSET
             self.embed_positions = layers.embedding(rows, width, (None, "embed"), precision, rngs)
             self.position_offset = LEARNED_POSITION_OFFSET
-        else:  # a fixed table, saved in checkpoints as transformers saves it
-            self.embed_positions = layers.embedding(
-                config.max_position_embeddings, width, (None, "embed"), precision, rngs,
-                init="sinusoidal-halves",
+        else:  # torch's frozen nn.Embedding: a table no optimiser moves
+            self.embed_positions = layers.FixedTable(
+                config.max_position_embeddings, width, (None, "embed"), precision.param_dtype,
+                init="sinusoidal-halves", computed=variant.positions == "sinusoidal-computed",
             )  # fmt: skip
             self.position_offset = 0
         self.layernorm_embedding = (
@@ -259,20 +269,11 @@ class BartEncoder(_Embeddings):
         length = inputs_embeds.shape[1]
         hidden = self.embed(inputs_embeds, jnp.arange(length, dtype=jnp.int32)[None, :])
         bias = layers.padding_bias(attention_mask)  # [B, 1, 1, T]
-        last, all_hidden, all_probs, _ = stacks.run_layers(
-            self.layers,
-            hidden,
-            lambda layer, hidden, _: (*layer(hidden, bias, output_attentions), None),
-            output_hidden_states=output_hidden_states,
-            output_attentions=output_attentions,
-            remat=self.remat,
-        )
-        last = self.final_norm(last)
-        if all_hidden is not None:  # transformers records the normed output last
-            all_hidden = (*all_hidden[:-1], last)
-        return BaseModelOutput(
-            last_hidden_state=last, hidden_states=all_hidden, attentions=all_probs
-        )
+        return stacks.run_encoder(
+            self.layers, hidden, lambda layer, h: layer(h, bias, output_attentions),
+            self.final_norm, output_hidden_states=output_hidden_states,
+            output_attentions=output_attentions, remat=self.remat,
+        )  # fmt: skip
 
 
 class BartDecoder(_Embeddings, DecoderBackbone):
@@ -321,10 +322,15 @@ class BartModel(nnx.Module):
     ):
         check_config(config)
         variant = type(self).variant
-        self.shared = layers.embedding(
-            config.vocab_size, config.d_model, ("vocab", "embed"), precision, rngs,
-            padding_idx=config.pad_token_id,  # as torch's: the padding row trains through no lookup
-        )  # fmt: skip
+
+        def token_table(rows: int) -> nnx.Embed:
+            return layers.embedding(
+                rows, config.d_model, ("vocab", "embed"), precision, rngs,
+                padding_idx=config.pad_token_id,  # as torch's: no lookup trains the padding row
+            )  # fmt: skip
+
+        shared = shares_embeddings(config)
+        self.shared = token_table(config.vocab_size) if shared else nnx.data(None)
         self.embed_scale = math.sqrt(config.d_model) if config.scale_embedding else 1.0
         self.encoder = BartEncoder(
             config, variant, precision, rngs, scan_layers=scan_layers, remat=remat
@@ -332,18 +338,21 @@ class BartModel(nnx.Module):
         self.decoder = BartDecoder(
             config, variant, precision, rngs, scan_layers=scan_layers, remat=remat
         )
+        if not shared:  # Marian's own tables per stack (the decoder's of decoder_vocab_size)
+            self.encoder.embed_tokens = token_table(config.vocab_size)
+            self.decoder.embed_tokens = token_table(config.decoder_vocab_size)
         self.pad_token_id = config.pad_token_id
         self.decoder_start_token_id = config.decoder_start_token_id
 
     def get_input_embeddings(self) -> nnx.Embed:
-        return self.shared
+        return self.encoder.embed_tokens if self.shared is None else self.shared
 
     def get_decoder_input_embeddings(self) -> nnx.Embed:
         """The table the decoder reads and a tied lm_head multiplies by."""
-        return self.shared
+        return self.decoder.embed_tokens if self.shared is None else self.shared
 
-    def _embed_tokens(self, table: nnx.Embed):
-        scale = self.embed_scale
+    def _embed_tokens(self, table: nnx.Embed, scale: float | None = None):
+        scale = self.embed_scale if scale is None else scale
         return lambda ids: table(ids) * jnp.asarray(scale, table.dtype or jnp.float32)
 
     def init_cache(self, batch_size: int, max_length: int, dtype=None, *, mesh=None, rules=None):
@@ -363,7 +372,7 @@ class BartModel(nnx.Module):
         """The encoder alone."""
         layers.exactly_one(input_ids, inputs_embeds)
         if inputs_embeds is None:
-            inputs_embeds = self._embed_tokens(self.shared)(input_ids)
+            inputs_embeds = self._embed_tokens(self.get_input_embeddings())(input_ids)
         return self.encoder(
             inputs_embeds, attention_mask,
             output_hidden_states=output_hidden_states, output_attentions=output_attentions,
@@ -373,7 +382,7 @@ class BartModel(nnx.Module):
         self,
         *,
         decoder_input_ids=None,  # [B, T]
-        decoder_inputs_embeds=None,  # [B, T, E], used as given (not scaled)
+        decoder_inputs_embeds=None,  # [B, T, E]; scaled only where the variant says (Marian)
         encoder_hidden_states=None,  # [B, S, E]; None once the cache holds its cross part
         encoder_attention_mask=None,  # [B, S]
         decoder_attention_mask=None,  # [B, T] (with a cache: the new tokens only)
@@ -383,6 +392,9 @@ class BartModel(nnx.Module):
         output_attentions: bool = False,
     ) -> BaseModelOutputWithPastAndCrossAttentions:
         """The decoder alone (positions default to transformers': the cache length onwards)."""
+        if type(self).variant.scale_decoder_inputs_embeds and decoder_inputs_embeds is not None:
+            scale = jnp.asarray(self.embed_scale, decoder_inputs_embeds.dtype)
+            decoder_inputs_embeds = decoder_inputs_embeds * scale
         return self.decoder(
             self._embed_tokens(self.get_decoder_input_embeddings()),
             decoder_input_ids, decoder_inputs_embeds, decoder_attention_mask,
@@ -455,6 +467,12 @@ CONFIG_ATTRIBUTES = (
 #: the backbone's tied tables: one `shared`, read under both stacks' names
 TIES = {"shared": ("encoder.embed_tokens", "decoder.embed_tokens")}
 
+
+def ties(config) -> dict:
+    """TIES, or none where each stack has its own table (Marian unshared)."""
+    return TIES if shares_embeddings(config) else {}
+
+
 #: transformers' BartForConditionalGeneration: lm_head tied to `shared` (tie_word_embeddings),
 #: final_logits_bias a saved buffer
 SEQ2SEQ_LM = HeadSpec(Seq2SeqLMHead, options={"final_logits_bias": True})
@@ -495,7 +513,7 @@ def register_bart_like(
             model_types=model_types,
             backbone=backbone,
             base_model_prefix="model",
-            ties=TIES,
+            ties=ties,
             ignored=("encoder.version", "decoder.version"),
             config_attributes=CONFIG_ATTRIBUTES,
             heads=heads,

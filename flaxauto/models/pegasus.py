@@ -7,8 +7,9 @@ from __future__ import annotations
 from flaxauto.models.bart import BartModel, BartVariant, register_bart_like
 
 PEGASUS = BartVariant(
-    pre_norm=True, final_layer_norms=True, layernorm_embedding=False, positions="sinusoidal"
-)
+    pre_norm=True, final_layer_norms=True, layernorm_embedding=False, positions="sinusoidal",
+    scale_decoder_inputs_embeds=True,
+)  # fmt: skip
 
 
 class PegasusModel(BartModel):

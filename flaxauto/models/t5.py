@@ -341,20 +341,15 @@ class T5EncoderStack(_Stack):
         hidden = self.dropout(inputs_embeds)
         relative = self.relative(jnp.arange(length, dtype=jnp.int32), length, hidden.dtype)
         bias = layers.padding_bias(attention_mask)  # [B, 1, 1, T]
-        last, all_hidden, all_probs, _ = stacks.run_layers(
-            self.block,
-            hidden,
-            lambda layer, h, _: (*layer.encoder_layer(h, bias, relative, output_attentions), None),
-            output_hidden_states=output_hidden_states,
-            output_attentions=output_attentions,
+
+        def run_layer(layer, h):
+            return layer.encoder_layer(h, bias, relative, output_attentions)
+
+        return stacks.run_encoder(
+            self.block, hidden, run_layer, self.final_norm,
+            output_hidden_states=output_hidden_states, output_attentions=output_attentions,
             remat=self.remat,
-        )
-        last = self.final_norm(last)
-        if all_hidden is not None:  # transformers records the normed output last
-            all_hidden = (*all_hidden[:-1], last)
-        return BaseModelOutput(
-            last_hidden_state=last, hidden_states=all_hidden, attentions=all_probs
-        )
+        )  # fmt: skip
 
 
 class T5DecoderStack(_Stack, DecoderBackbone):
@@ -566,6 +561,8 @@ def heads(scaled_outputs: bool) -> dict[str, HeadSpec]:
     lm_options = {"scale_tied_output": True} if scaled_outputs else {}
     if scaled_outputs:
         lm_options["tie_attribute"] = "scale_decoder_outputs"
+    else:  # mT5: hub files carry their own lm_head, which transformers 5 loads untied
+        lm_options["untie_if_differs"] = ("lm_head.weight", "shared.weight")
     return {
         "base": HeadSpec(None),
         "seq2seq-lm": HeadSpec(Seq2SeqLMHead, options=lm_options, base_model_prefix=""),

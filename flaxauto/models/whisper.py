@@ -121,20 +121,11 @@ class WhisperEncoder(nnx.Module):
         x = layers.ACTIVATIONS["gelu"](self.conv1(x))
         x = layers.ACTIVATIONS["gelu"](self.conv2(x))  # [B, S, E]
         hidden = self.dropout(x + self.embed_positions.embedding[...].astype(x.dtype)[None])
-        last, all_hidden, all_probs, _ = stacks.run_layers(
-            self.layers,
-            hidden,
-            lambda layer, h, _: (*layer(h, None, output_attentions), None),
-            output_hidden_states=output_hidden_states,
-            output_attentions=output_attentions,
-            remat=self.remat,
-        )
-        last = self.layer_norm(last)
-        if all_hidden is not None:  # transformers records the normed output last
-            all_hidden = (*all_hidden[:-1], last)
-        return BaseModelOutput(
-            last_hidden_state=last, hidden_states=all_hidden, attentions=all_probs
-        )
+        return stacks.run_encoder(
+            self.layers, hidden, lambda layer, h: layer(h, None, output_attentions),
+            self.layer_norm, output_hidden_states=output_hidden_states,
+            output_attentions=output_attentions, remat=self.remat,
+        )  # fmt: skip
 
 
 class WhisperDecoder(BartDecoder):
