@@ -12,6 +12,7 @@ from flax import nnx
 
 from flaxauto import layers, outputs
 from flaxauto.heads.base import Head
+from flaxauto.heads.detection_losses import detection_loss
 
 
 class BoxPredictor(nnx.Module):
@@ -96,10 +97,8 @@ class DetrDetectionHead(Head):
                 {"logits": all_logits[i], "pred_boxes": all_boxes[i]}
                 for i in range(all_logits.shape[0] - 1)
             ]
-        raise NotImplementedError(
-            "DETR's loss (labels=) waits for the shared detection loss; call without labels"
-        )
-        return None, None, auxiliary
+        loss, loss_dict = detection_loss(logits, boxes, labels, self.loss_settings, auxiliary)
+        return loss, loss_dict, auxiliary
 
 
 __all__ = ["DetrDetectionHead"]

@@ -15,8 +15,18 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 import flaxauto
+from flaxauto.converters.layout import parameter_slots
 from flaxauto.models import detr
-from references import INITIALIZER_RANGE, max_diff, run_torch, task_inputs, to_numpy, torch_model
+from references import (
+    INITIALIZER_RANGE,
+    max_diff,
+    run_torch,
+    task_inputs,
+    task_labels,
+    to_numpy,
+    to_torch,
+    torch_model,
+)
 
 TOLERANCE = 1e-4
 
@@ -201,3 +211,51 @@ def test_nearest_rows_follow_torch_float32_scale():
             size_in,
             size_out,
         )
+
+
+def test_loss_with_auxiliary_outputs_and_its_gradients(tmp_path):
+    """labels -> transformers' loss: the final and every earlier decoder layer matched and scored
+    (loss_dict's _0, _1, ...), and d loss / d parameter for every parameter torch trains (torch
+    freezes the ResNet: transformers' DetrConvEncoder sets requires_grad=False on it), by the
+    checkpoint's names."""
+    reference = torch_model("detr", "object-detection", auxiliary_loss=True, decoder_layers=3)
+    reference.save_pretrained(tmp_path)
+    model = flaxauto.AutoModelForObjectDetection.from_pretrained(tmp_path)
+    inputs = task_inputs("detr", "object-detection", config=reference.config)
+    batch = {**inputs, **task_labels(reference, "object-detection", inputs)}
+
+    reference.zero_grad()
+    theirs = reference(**to_torch(batch))
+    theirs.loss.backward()
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+    def loss_fn(params, batch):
+        output = nnx.merge(graphdef, params, rest, copy=True)(**batch)
+        return output.loss, output
+
+    (loss, ours), grads = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(params, batch)
+    assert max_diff(loss, theirs.loss) <= TOLERANCE
+    assert set(ours.loss_dict) == set(theirs.loss_dict) and "loss_giou_1" in ours.loss_dict
+    for name, value in theirs.loss_dict.items():
+        assert max_diff(ours.loss_dict[name], value) <= TOLERANCE, name
+    assert len(ours.auxiliary_outputs) == len(theirs.auxiliary_outputs) == 2
+    for mine, other in zip(ours.auxiliary_outputs, theirs.auxiliary_outputs, strict=True):
+        for field in ("logits", "pred_boxes"):
+            assert max_diff(mine[field], other[field]) <= TOLERANCE, field
+
+    shadow = nnx.merge(graphdef, grads, rest, copy=True)
+    named = {
+        name: slot.to_torch(np.asarray(slot.variable.get_value()))
+        for name, slot in parameter_slots(shadow).items()
+        if isinstance(slot.variable, nnx.Param)
+    }
+    trained = [(n, p) for n, p in reference.named_parameters() if p.requires_grad]
+    assert len(trained) > 50
+    # a key bias's gradient is zero in exact arithmetic (softmax ignores a constant per row):
+    # float noise on both sides, compared against a share of the largest gradient
+    floor = 1e-2 * max(float(p.grad.abs().max()) for _, p in trained)
+    for name, parameter in trained:
+        expected = parameter.grad.numpy()
+        scale = max(float(np.abs(expected).max()), floor)
+        diff = max_diff(named[detr.hub_name(name)], expected)
+        assert diff <= 1e-4 * scale, f"{name}: {diff:.2e} (scale {scale:.2e})"
