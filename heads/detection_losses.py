@@ -153,6 +153,9 @@ def _assign_on_host(cost: np.ndarray, valid: np.ndarray):
     matched to it [B, M] and whether it was matched [B, M] (not when targets outnumber queries)."""
     from scipy.optimize import linear_sum_assignment
 
+    # sharded operands arrive as jax Arrays: indexing them would dispatch jax operations from
+    # the runtime's callback thread (it aborted the process under a mesh); numpy copies do not
+    cost, valid = np.asarray(cost), np.asarray(valid)
     batch, _, width = cost.shape
     query = np.zeros((batch, width), np.int32)
     matched = np.zeros((batch, width), bool)

@@ -185,11 +185,25 @@ def test_auxiliary_decoder_outputs(tmp_path):
 
 
 def test_learned_positions(tmp_path):
+    """Also under transformers 4's names (the tables then sat in `backbone.position_embedding`)."""
     reference = torch_model("detr", "object-detection", position_embedding_type="learned")
-    reference.save_pretrained(tmp_path)
-    model = flaxauto.AutoModelForObjectDetection.from_pretrained(tmp_path)
+    reference.save_pretrained(tmp_path / "new")
+    with safe_open(tmp_path / "new" / "model.safetensors", "pt") as new:
+        tensors = {
+            name.replace("model.position_embedding.", "model.backbone.position_embedding."): (
+                new.get_tensor(name)
+            )
+            for name in new.keys()
+        }
+    assert "model.backbone.position_embedding.row_embeddings.weight" in tensors
+    (tmp_path / "old").mkdir()
+    save_file(tensors, tmp_path / "old" / "model.safetensors", metadata={"format": "pt"})
+    reference.config.save_pretrained(tmp_path / "old")
     inputs = task_inputs("detr", "object-detection", config=reference.config)
-    assert_same_detections(model(**inputs), run_torch(reference, inputs))
+    theirs = run_torch(reference, inputs)
+    for spelling in ("new", "old"):
+        model = flaxauto.AutoModelForObjectDetection.from_pretrained(tmp_path / spelling)
+        assert_same_detections(model(**inputs), theirs)
 
 
 def test_refuses_what_it_does_not_compute(tmp_path):
