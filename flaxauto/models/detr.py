@@ -571,7 +571,7 @@ CONFIG_ATTRIBUTES = (
     "backbone_config", "backbone", "use_timm_backbone", "use_pretrained_backbone",
     "backbone_kwargs", "num_channels", "dilation", "num_queries", "d_model", "encoder_layers",
     "decoder_layers", "encoder_ffn_dim", "decoder_ffn_dim", "encoder_attention_heads",
-    "decoder_attention_heads", "encoder_layerdrop", "decoder_layerdrop", "is_encoder_decoder",
+    "decoder_attention_heads", "encoder_layerdrop", "decoder_layerdrop",
     "activation_function", "dropout", "attention_dropout", "activation_dropout", "init_std",
     "init_xavier_std", "auxiliary_loss", "position_embedding_type", "class_cost", "bbox_cost",
     "giou_cost", "mask_loss_coefficient", "dice_loss_coefficient", "bbox_loss_coefficient",
