@@ -24,6 +24,7 @@ BENCHMARKS = (
     "encoder",
     "vit",
     "convnet",
+    "detection",
     "table",
     "seq2seq",
     "t5_decode",

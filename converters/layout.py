@@ -166,6 +166,8 @@ def parameter_slots(model) -> dict[str, Slot]:
     modules = list(nnx.iter_modules(model))
     stacks = {path: m.num_layers for path, m in modules if isinstance(m, ScannedLayers)}
     adapters = {path for path, m in modules if isinstance(m, nnx.LoRA)}
+    # modules that name the tensors below them themselves (DETR's timm backbone: a name table)
+    renamers = {path: m for path, m in modules if hasattr(type(m), "checkpoint_name")}
     slots: dict[str, Slot] = {}
     for path, module in modules:
         path = _without_adapters(path, adapters)
@@ -180,7 +182,10 @@ def parameter_slots(model) -> dict[str, Slot]:
             for index, layer_path in _per_layer_paths(path, stacks):
                 root, *rest = [str(p) for p in layer_path] or [""]
                 local = _join(*rest)
-                names = [_join(local, torch) for torch in (leaf.torch, *leaf.legacy)]
+                names = [
+                    _renamed_below(path, _join(local, torch), renamers)
+                    for torch in (leaf.torch, *leaf.legacy)
+                ]
                 tied = ()
                 if root == "backbone":
                     tied = tuple(_join(prefix, n) for n in _tied_aliases(names[0], ties))
@@ -198,6 +203,18 @@ def parameter_slots(model) -> dict[str, Slot]:
                     variable, name, leaf.layout, part, init, index, (*legacy, *tied), tied
                 )
     return slots
+
+
+def _renamed_below(path: tuple, name: str, renamers: dict) -> str:
+    """`name` (below the model's root module) as the nearest enclosing module with a
+    `checkpoint_name(name_below_it) -> str` method spells it; unchanged without one."""
+    owners = [p for p in renamers if len(p) > 1 and tuple(path[: len(p)]) == p]
+    if not owners:
+        return name
+    owner = max(owners, key=len)
+    above = ".".join(str(part) for part in owner[1:])  # the owner's own path, past the root
+    below = name[len(above) + 1 :]
+    return _join(above, renamers[owner].checkpoint_name(below))
 
 
 def _without_adapters(path: tuple, adapters: set[tuple]) -> tuple:

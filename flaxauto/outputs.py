@@ -189,6 +189,36 @@ class Seq2SeqModelOutput(_Seq2SeqFields):
 
 
 @struct.dataclass
+class DetrModelOutput(Seq2SeqModelOutput):
+    """DETR's backbone output: the decoder's object queries and the encoder's feature tokens."""
+
+    intermediate_hidden_states: Array | None = None  # [L_dec, B, Q, E], with auxiliary_loss
+
+
+@struct.dataclass
+class DetrObjectDetectionOutput(_Output):
+    """transformers' DetrObjectDetectionOutput (its field order)."""
+
+    loss: Array | None = None
+    loss_dict: dict | None = None  # loss_ce, loss_bbox, loss_giou, cardinality_error (+ _i)
+    logits: Array = None  # [B, Q, num_labels + 1], the last class "no object"
+    pred_boxes: Array = None  # [B, Q, 4] normalised (center x, center y, width, height)
+    auxiliary_outputs: list | None = None  # [{"logits", "pred_boxes"}] per earlier decoder layer
+    last_hidden_state: Array | None = None  # [B, Q, E]
+    decoder_hidden_states: tuple[Array, ...] | None = None
+    decoder_attentions: tuple[Array, ...] | None = None
+    cross_attentions: tuple[Array, ...] | None = None
+    encoder_last_hidden_state: Array | None = None  # [B, h * w, E]
+    encoder_hidden_states: tuple[Array, ...] | None = None
+    encoder_attentions: tuple[Array, ...] | None = None
+    _tuple_order = (
+        "loss", "loss_dict", "logits", "pred_boxes", "auxiliary_outputs", "last_hidden_state",
+        "decoder_hidden_states", "decoder_attentions", "cross_attentions",
+        "encoder_last_hidden_state", "encoder_hidden_states", "encoder_attentions",
+    )  # fmt: skip
+
+
+@struct.dataclass
 class Seq2SeqLMOutput(_Seq2SeqFields):
     loss: Array | None = None
     logits: Array = None  # [B, T_dec, V]

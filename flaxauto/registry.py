@@ -86,6 +86,7 @@ BUILTIN_FAMILIES: dict[str, str] = {
     "wav2vec2": "wav2vec2",
     "hubert": "wav2vec2",
     "whisper": "whisper",
+    "detr": "detr",
 }
 
 

@@ -116,11 +116,16 @@ def put(value, sharding: NamedSharding) -> jax.Array:
 
 def shard_batch(batch: Mapping, mesh: Mesh) -> dict:
     """Place every array of a batch split over its first dimension (on several processes, each
-    passes the same global batch and keeps its devices' rows)."""
-    return {
-        name: None if value is None else put(value, batch_sharding(mesh, np.shape(value)))
-        for name, value in batch.items()
-    }
+    passes the same global batch and keeps its devices' rows). Records per example (detection
+    labels: one dict per image, each array's first axis its objects) are replicated."""
+    replicated = NamedSharding(mesh, PartitionSpec())
+
+    def place(value):
+        if isinstance(value, list | tuple) and value and isinstance(value[0], Mapping):
+            return jax.tree.map(lambda leaf: put(leaf, replicated), value)
+        return put(value, batch_sharding(mesh, np.shape(value)))
+
+    return {name: None if value is None else place(value) for name, value in batch.items()}
 
 
 def shard_model(model: nnx.Module, mesh: Mesh, rules: Rules | str | None = None) -> nnx.Module:

@@ -145,7 +145,9 @@ TINY_CONFIGS["marian"] = dict(
     TINY_CONFIGS["bart"], scale_embedding=True, activation_function="swish", pad_token_id=1,
     eos_token_id=0, bos_token_id=None, decoder_start_token_id=1, forced_eos_token_id=0,
 )  # fmt: skip
-PROBE_CONFIGS["detr"] = dict(
+# transformers' ResNet backbone (timm-named checkpoints: tests/test_detr.py); 32x40 pixels end
+# 4x5 = 20 feature tokens after the stem and two stages
+TINY_CONFIGS["detr"] = dict(
     use_timm_backbone=False, use_pretrained_backbone=False, backbone=None,
     backbone_config=dict(
         model_type="resnet", num_channels=3, embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1],

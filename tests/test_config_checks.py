@@ -58,6 +58,8 @@ UNIMPLEMENTED = {
     "t5": {"is_decoder": True},
     "mt5": {"is_decoder": True},
     "umt5": {"is_decoder": True},
+    # Deformable DETR's two-stage proposals, absent from DETR's config
+    "detr": {"two_stage": True},
 }
 
 #: Settings hub configs carry that change no number.

@@ -234,6 +234,11 @@ def _bf16_errors(case, inputs, output, reference) -> dict[str, float]:
     }
 
 
+#: tasks whose transformers loss has no bf16 run on CPU (the detection matcher's torch.cdist has
+#: no bfloat16 kernel): their bf16 tier compares the predictions alone
+NO_BF16_TORCH_LOSS = {"object-detection"}
+
+
 def test_bf16_no_worse_than_twice_torch_bf16(case):
     """flaxauto in bf16 (weights stored and computed in bf16, as torch's model.to(bfloat16)) is
     at most twice as far from torch fp32 as torch's own bf16 run, field by field (the loss too),
@@ -242,7 +247,10 @@ def test_bf16_no_worse_than_twice_torch_bf16(case):
     inputs = task_inputs(
         case.model_type, case.task, seed=1, config=case.torch_model.config, batch=BF16_BATCH
     )
-    batch = {**inputs, **task_labels(case.torch_model, case.task, inputs, seed=1)}
+    labels = task_labels(case.torch_model, case.task, inputs, seed=1)
+    if case.task in NO_BF16_TORCH_LOSS:
+        labels = {}
+    batch = {**inputs, **labels}
     reference = run_torch(case.torch_model, batch)
     torch_bf16 = copy.deepcopy(case.torch_model).to(torch.bfloat16)
     theirs = _bf16_errors(
