@@ -116,11 +116,17 @@ def put(value, sharding: NamedSharding) -> jax.Array:
 
 def shard_batch(batch: Mapping, mesh: Mesh) -> dict:
     """Place every array of a batch split over its first dimension (on several processes, each
-    passes the same global batch and keeps its devices' rows)."""
-    return {
-        name: None if value is None else put(value, batch_sharding(mesh, np.shape(value)))
-        for name, value in batch.items()
-    }
+    passes the same global batch and keeps its devices' rows). A list (detection labels: one
+    dict of arrays per example, of different sizes) is replicated, leaf by leaf."""
+    return {name: _place_batch_entry(value, mesh) for name, value in batch.items()}
+
+
+def _place_batch_entry(value, mesh: Mesh):
+    if value is None:
+        return None
+    if isinstance(value, list):
+        return jax.tree.map(lambda leaf: put(leaf, NamedSharding(mesh, PartitionSpec())), value)
+    return put(value, batch_sharding(mesh, np.shape(value)))
 
 
 def shard_model(model: nnx.Module, mesh: Mesh, rules: Rules | str | None = None) -> nnx.Module:

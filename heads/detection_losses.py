@@ -153,6 +153,9 @@ def _assign_on_host(cost: np.ndarray, valid: np.ndarray):
     matched to it [B, M] and whether it was matched [B, M] (not when targets outnumber queries)."""
     from scipy.optimize import linear_sum_assignment
 
+    # numpy before anything else: run eagerly, jax hands the callback jax arrays, and indexing
+    # those would dispatch jax computations from inside a callback (which can deadlock XLA CPU)
+    cost, valid = np.asarray(cost), np.asarray(valid)
     batch, _, width = cost.shape
     query = np.zeros((batch, width), np.int32)
     matched = np.zeros((batch, width), bool)

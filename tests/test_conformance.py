@@ -242,7 +242,10 @@ def test_bf16_no_worse_than_twice_torch_bf16(case):
     inputs = task_inputs(
         case.model_type, case.task, seed=1, config=case.torch_model.config, batch=BF16_BATCH
     )
-    batch = {**inputs, **task_labels(case.torch_model, case.task, inputs, seed=1)}
+    labels = task_labels(case.torch_model, case.task, inputs, seed=1)
+    if case.task == "object-detection":  # torch's detection loss cannot run in bf16 (no cdist)
+        labels = {}
+    batch = {**inputs, **labels}
     reference = run_torch(case.torch_model, batch)
     torch_bf16 = copy.deepcopy(case.torch_model).to(torch.bfloat16)
     theirs = _bf16_errors(
