@@ -5,6 +5,9 @@ boxes identical)."""
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -102,3 +105,47 @@ def test_object_detection_pipeline_matches_transformers(tmp_path):
     shapes = {processor(images=[i], return_tensors="np")["pixel_values"].shape for i in images}
     assert ours.compilations == len(shapes)  # one program per processed image size
     assert ours([]) == []
+
+
+README = Path(__file__).parents[1] / "README.md"
+
+
+def test_readme_detection_example_runs(tmp_path):
+    """The README's example, executed on a tiny checkpoint (with COCO's 91 labels, which its
+    training labels use) and a small image in place of the hub's: its detections are the image
+    processor's post-processing of transformers' outputs, its loss transformers' loss."""
+    model = torch_model("yolos", "object-detection", num_labels=91)
+    model.save_pretrained(tmp_path)
+    processor = transformers.YolosImageProcessorPil(size={"shortest_edge": 16, "longest_edge": 48})
+    processor.save_pretrained(tmp_path)
+    image_path = tmp_path / "image.png"
+    _images(1)[0].save(image_path)
+    found = re.search(
+        r"<!-- detection-example:start -->\n```python\n(.*?)```", README.read_text(), re.S
+    )
+    assert found, "README.md lost its detection example markers"
+    code = found.group(1).replace('"hustvl/yolos-tiny"', repr(str(tmp_path)))
+    code = code.replace('"cats.jpg"', repr(str(image_path))).replace(
+        "threshold=0.9", "threshold=0.02"
+    )
+    namespace = {}
+    exec(compile(code, "README.md", "exec"), namespace)  # noqa: S102
+    image = namespace["image"]
+    pixel_values = torch.tensor(namespace["pixel_values"])
+    labels = [
+        {"class_labels": torch.tensor([17, 75]),
+         "boxes": torch.tensor([[0.3, 0.5, 0.4, 0.7], [0.6, 0.2, 0.1, 0.1]])}
+    ]  # fmt: skip
+    with torch.no_grad():
+        theirs = model(pixel_values=pixel_values, labels=labels)
+    expected = processor.post_process_object_detection(
+        theirs, threshold=0.02, target_sizes=[(image.height, image.width)]
+    )[0]
+    assert len(expected["scores"]) > 0
+    assert np.array_equal(namespace["found"]["labels"], expected["labels"].numpy())
+    np.testing.assert_allclose(
+        namespace["found"]["scores"], expected["scores"].numpy(), atol=TOLERANCE
+    )
+    np.testing.assert_allclose(namespace["found"]["boxes"], expected["boxes"].numpy(), atol=1e-3)
+    assert abs(float(namespace["out"].loss) - float(theirs.loss)) <= TOLERANCE
+    assert namespace["labels"][0]["valid"].tolist() == [True, True] + [False] * 18
