@@ -5,6 +5,7 @@ boxes identical)."""
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -149,3 +150,25 @@ def test_readme_detection_example_runs(tmp_path):
     np.testing.assert_allclose(namespace["found"]["boxes"], expected["boxes"].numpy(), atol=1e-3)
     assert abs(float(namespace["out"].loss) - float(theirs.loss)) <= TOLERANCE
     assert namespace["labels"][0]["valid"].tolist() == [True, True] + [False] * 18
+
+
+def test_the_run_command_detects_in_image_files(tmp_path, capsys):
+    """`flaxauto run object-detection MODEL image.png ...`: one JSON line per image, equal to
+    transformers' pipeline on the same files."""
+    from flaxauto.cli import main
+
+    model = torch_model("yolos", "object-detection")
+    model.save_pretrained(tmp_path)
+    processor = transformers.YolosImageProcessorPil(size={"shortest_edge": 16, "longest_edge": 48})
+    processor.save_pretrained(tmp_path)
+    paths = []
+    for index, image in enumerate(_images(2, seed=3)):
+        paths.append(str(tmp_path / f"image{index}.png"))
+        image.save(paths[-1])
+    assert main(["run", "object-detection", str(tmp_path), *paths, "--param", "threshold=0.3"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    theirs = transformers.pipeline("object-detection", model=model, image_processor=processor)
+    assert len(lines) == len(paths)
+    assert sum(len(json.loads(line)) for line in lines) > 0
+    for line, path in zip(lines, paths, strict=True):
+        assert_same_detections(json.loads(line), theirs(path, threshold=0.3))
