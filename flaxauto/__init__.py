@@ -26,6 +26,8 @@ from flaxauto.auto import (
 from flaxauto.checkpoint import TrainingCheckpointer
 from flaxauto.converters.errors import CheckpointError, UnsafeCheckpointError
 from flaxauto.converters.flax_params import flax_params, load_flax_params
+from flaxauto.heads.detection import post_process_object_detection
+from flaxauto.heads.detection_losses import detection_loss, pad_detection_labels
 from flaxauto.lora import load_lora, lora, merge_lora, save_lora
 from flaxauto.modeling import Model
 from flaxauto.pipelines import pipeline
@@ -58,13 +60,16 @@ __all__ = [
     "Model",
     "TrainingCheckpointer",
     "UnsafeCheckpointError",
+    "detection_loss",
     "flax_params",
     "load_flax_params",
     "load_lora",
     "lora",
     "make_mesh",
     "merge_lora",
+    "pad_detection_labels",
     "pipeline",
+    "post_process_object_detection",
     "register",
     "replicate",
     "save_lora",

@@ -235,3 +235,30 @@ class Seq2SeqQuestionAnsweringModelOutput(_Seq2SeqFields):
     loss: Array | None = None
     start_logits: Array = None  # [B, T_dec]
     end_logits: Array = None  # [B, T_dec]
+
+
+@struct.dataclass
+class ObjectDetectionOutput(_Output):
+    """transformers' YolosObjectDetectionOutput and DetrObjectDetectionOutput in one (a family
+    sets the fields its twin has; the others stay None and drop out of to_tuple)."""
+
+    loss: Array | None = None
+    loss_dict: dict[str, Array] | None = None  # loss_ce, loss_bbox, loss_giou, cardinality_error
+    logits: Array = None  # [B, Q, num_labels + 1], the last class "no object"
+    pred_boxes: Array = None  # [B, Q, 4] normalised (center x, center y, width, height)
+    auxiliary_outputs: list[dict[str, Array]] | None = None  # {"logits", "pred_boxes"} per layer
+    last_hidden_state: Array | None = None
+    decoder_hidden_states: tuple[Array, ...] | None = None
+    decoder_attentions: tuple[Array, ...] | None = None
+    cross_attentions: tuple[Array, ...] | None = None
+    encoder_last_hidden_state: Array | None = None
+    encoder_hidden_states: tuple[Array, ...] | None = None
+    encoder_attentions: tuple[Array, ...] | None = None
+    hidden_states: tuple[Array, ...] | None = None
+    attentions: tuple[Array, ...] | None = None
+    _tuple_order = (
+        "loss", "loss_dict", "logits", "pred_boxes", "auxiliary_outputs", "last_hidden_state",
+        "decoder_hidden_states", "decoder_attentions", "cross_attentions",
+        "encoder_last_hidden_state", "encoder_hidden_states", "encoder_attentions",
+        "hidden_states", "attentions",
+    )  # fmt: skip

@@ -72,6 +72,7 @@ BUILTIN_FAMILIES: dict[str, str] = {
     "deit": "deit",
     "beit": "beit",
     "videomae": "videomae",
+    "yolos": "yolos",
     "resnet": "resnet",
     "regnet": "regnet",
     "convnext": "convnext",

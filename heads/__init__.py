@@ -8,6 +8,7 @@ from flaxauto.heads.classification import (
     SequenceClassificationHead,
     TokenClassificationHead,
 )
+from flaxauto.heads.detection import ObjectDetectionHead, post_process_object_detection
 from flaxauto.heads.language_modeling import CausalLMHead, MaskedLMHead
 from flaxauto.heads.seq2seq import (
     Seq2SeqLMHead,
@@ -24,6 +25,7 @@ __all__ = [
     "MaskedLMHead",
     "MultipleChoiceHead",
     "NextSentencePredictionHead",
+    "ObjectDetectionHead",
     "PooledProjection",
     "QuestionAnsweringHead",
     "Seq2SeqLMHead",
@@ -32,4 +34,5 @@ __all__ = [
     "SequenceClassificationHead",
     "TokenClassificationHead",
     "pool",
+    "post_process_object_detection",
 ]

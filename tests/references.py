@@ -75,6 +75,10 @@ TINY_CONFIGS["beit"] = dict(
     _PATCHES, use_relative_position_bias=True, layer_scale_init_value=0.5, use_mean_pooling=True
 )
 TINY_CONFIGS["videomae"] = dict(_PATCHES, num_frames=4, tubelet_size=2)
+# a non-square patch grid (4 x 6), three layers (two mid position tables), five detection tokens
+TINY_CONFIGS["yolos"] = dict(
+    _PATCHES, image_size=[16, 24], num_hidden_layers=3, num_detection_tokens=5
+)
 # convolutional image families: channels divisible by the 4-way FSDP axis; ResNet's and
 # RegNet's 16x16 pixels end 2x2 after the stem and two stages
 TINY_CONFIGS["resnet"] = dict(
@@ -174,6 +178,7 @@ MODALITIES = {
     "deit": "image",
     "beit": "image",
     "videomae": "video",
+    "yolos": "image",
     "wav2vec2": "waveform",
     "hubert": "waveform",
     "whisper": "log-mel",
@@ -236,13 +241,20 @@ def torch_model(model_type: str, task: str, seed: int = 0, **overrides):
     # eager attention: the reference may be asked for attention probabilities
     config._attn_implementation = "eager"
     model = torch_class(model_type, task)(config).eval()
-    _randomize_zero_initialised(model)
+    _randomize_zero_initialised(model, every_zero=model_type in ZERO_TABLES)
     return model
 
 
-def _randomize_zero_initialised(model) -> None:
+#: Families whose tokens and position tables transformers initialises to zeros (YOLOS: [CLS],
+#: detection tokens, initial and mid positions): with them all zero, every detection token
+#: would give the same output and the positions would go untested.
+ZERO_TABLES = {"yolos"}
+
+
+def _randomize_zero_initialised(model, every_zero: bool = False) -> None:
     """transformers initialises biases to 0, norms to 1 and batch-norm statistics to 0 / 1; a
-    parity test must see them move (frozen batch norms keep their weights as buffers too)."""
+    parity test must see them move (frozen batch norms keep their weights as buffers too).
+    every_zero: also every parameter that is all zeros."""
     generator = torch.Generator().manual_seed(1234)
 
     def noise(tensor):
@@ -251,7 +263,7 @@ def _randomize_zero_initialised(model) -> None:
     with torch.no_grad():
         for name, param in model.named_parameters():
             norm = "norm" in name.lower() or name.startswith("ln_") or ".ln_" in name
-            if name.endswith("bias") or norm:
+            if name.endswith("bias") or norm or (every_zero and not param.any()):
                 param.add_(noise(param))
         for name, buffer in model.named_buffers():
             if not buffer.is_floating_point():

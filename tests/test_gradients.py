@@ -82,7 +82,7 @@ def flaxauto_gradients(model, batch) -> tuple[float, dict[str, np.ndarray]]:
 #: transformers 5 names these families' parameters in memory apart from their checkpoint names
 #: (vit.layers.0.attention.k_proj vs vit.encoder.layer.0.attention.attention.key), and the test
 #: maps gradients through the checkpoint names; mapping the family's renames is still to do.
-RENAMED_IN_MEMORY = {"vit", "deit", "beit", "videomae"}
+RENAMED_IN_MEMORY = {"vit", "deit", "beit", "videomae", "yolos"}  # yolos: tests/test_yolos.py
 CASES = [
     pytest.param(
         m,

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from flaxauto import auto, registry
 from flaxauto.pipelines.base import Pipeline
+from flaxauto.pipelines.detection import ObjectDetectionPipeline
 from flaxauto.pipelines.generation import (
     SummarizationPipeline,
     Text2TextGenerationPipeline,
@@ -35,6 +36,7 @@ PIPELINES: dict[str, type[Pipeline]] = {
     "feature-extraction": FeatureExtractionPipeline,
     "image-classification": ImageClassificationPipeline,
     "audio-classification": AudioClassificationPipeline,
+    "object-detection": ObjectDetectionPipeline,
     "text-classification": TextClassificationPipeline,
     "token-classification": TokenClassificationPipeline,
     "fill-mask": FillMaskPipeline,
