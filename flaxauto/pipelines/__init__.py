@@ -20,7 +20,11 @@ from flaxauto.pipelines.generation import (
     TextGenerationPipeline,
     TranslationPipeline,
 )
-from flaxauto.pipelines.media import AudioClassificationPipeline, ImageClassificationPipeline
+from flaxauto.pipelines.media import (
+    AudioClassificationPipeline,
+    ImageClassificationPipeline,
+    VideoClassificationPipeline,
+)
 from flaxauto.pipelines.question_answering import QuestionAnsweringPipeline
 from flaxauto.pipelines.text import (
     FeatureExtractionPipeline,
@@ -35,6 +39,7 @@ PIPELINES: dict[str, type[Pipeline]] = {
     "feature-extraction": FeatureExtractionPipeline,
     "image-classification": ImageClassificationPipeline,
     "audio-classification": AudioClassificationPipeline,
+    "video-classification": VideoClassificationPipeline,
     "text-classification": TextClassificationPipeline,
     "token-classification": TokenClassificationPipeline,
     "fill-mask": FillMaskPipeline,
