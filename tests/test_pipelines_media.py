@@ -4,6 +4,7 @@ random checkpoints and inputs: labels and text identical, scores within 1e-4."""
 from __future__ import annotations
 
 import importlib
+import json
 import types
 
 import numpy as np
@@ -12,6 +13,7 @@ import transformers
 from test_pipelines import assert_same_answers
 
 import flaxauto
+from flaxauto.pipelines.base import bucket_length
 from references import torch_model
 
 # -- video-classification ---------------------------------------------------------------------
@@ -109,3 +111,151 @@ def test_video_classification_matches_transformers(tmp_path, transformers_video_
         ours(videos[0], frame_sampling_rate=3)
     with pytest.raises(NotImplementedError, match="video decoder"):
         ours("clip.mp4")
+
+
+# -- automatic-speech-recognition -------------------------------------------------------------
+
+SAMPLING_RATE = 16000
+CTC_VOCAB = ["<pad>", "<s>", "</s>", "<unk>", "|", *"abcdefghijklmnopqrstuvwxyz", "'"]
+
+
+def _chirp(samples: int, low: float, high: float) -> np.ndarray:
+    t = np.arange(samples) / SAMPLING_RATE
+    phase = 2 * np.pi * (low * t + (high - low) / (2 * t[-1]) * t * t)
+    return (0.5 * np.sin(phase)).astype(np.float32)
+
+
+def _waves() -> list[np.ndarray]:
+    return [_chirp(1300, 200, 3000), _chirp(900, 400, 2000), _chirp(2500, 100, 800)]
+
+
+@pytest.fixture(scope="module")
+def ctc_tokenizer(tmp_path_factory):
+    """A character tokenizer over the tiny CTC models' 32 ids (blank = <pad>, word boundary |)."""
+    root = tmp_path_factory.mktemp("ctc-vocab")
+    vocab = root / "vocab.json"
+    vocab.write_text(json.dumps({token: i for i, token in enumerate(CTC_VOCAB)}))
+    return transformers.Wav2Vec2CTCTokenizer(str(vocab))
+
+
+@pytest.mark.parametrize(
+    "model_type, attention_mask",
+    [("wav2vec2", True), ("hubert", False)],
+    ids=["wav2vec2-bucketed", "hubert-one-at-a-time"],
+)
+def test_ctc_speech_recognition_matches_transformers(
+    model_type, attention_mask, tmp_path, ctc_tokenizer
+):
+    """wav2vec2 (layer-norm feature encoder) with an attention mask: waveforms padded to bucketed
+    lengths and masked, logits cut to each waveform's frames. HuBERT (group norm over time):
+    padding would change its output, so each waveform runs alone at its own length."""
+    model = torch_model(model_type, "ctc", vocab_size=len(CTC_VOCAB), pad_token_id=0)
+    model.save_pretrained(tmp_path)
+    ctc_tokenizer.save_pretrained(tmp_path)
+    extractor = transformers.Wav2Vec2FeatureExtractor(return_attention_mask=attention_mask)
+    extractor.save_pretrained(tmp_path)
+    theirs = transformers.pipeline(
+        "automatic-speech-recognition", model=model, tokenizer=ctc_tokenizer,
+        feature_extractor=extractor,
+    )  # fmt: skip
+    ours = flaxauto.pipeline("automatic-speech-recognition", model=str(tmp_path), batch_size=2)
+    waves = _waves()
+    answers = ours(waves)
+    assert_same_answers(answers, theirs(waves))
+    assert any(answer["text"] for answer in answers)  # the random model does emit letters
+    one = {"array": waves[1], "sampling_rate": SAMPLING_RATE}
+    assert_same_answers(ours(one), theirs(dict(one)))
+    if attention_mask:
+        # batches of (1300, 900) and (2500,) samples, then 900 alone: one program per bucket
+        assert ours.compilations == len({bucket_length(n, None) for n in (1300, 2500, 900)}) == 3
+    with pytest.raises(NotImplementedError, match="resampl"):
+        ours({"raw": waves[0], "sampling_rate": 8000})
+    with pytest.raises(NotImplementedError, match="return_timestamps"):
+        ours(waves[0], return_timestamps="char")
+    with pytest.raises(ValueError, match="apply to Whisper"):
+        ours(waves[0], max_new_tokens=3)
+
+
+#: Whisper special tokens after the text tokens; <|notimestamps|> is the last id, so no id of
+#: this vocabulary is a timestamp
+WHISPER_SPECIAL = ["<|endoftext|>", "<|startoftranscript|>", "<|en|>", "<|fr|>"]
+WHISPER_SPECIAL += ["<|translate|>", "<|transcribe|>", "<|startofprev|>", "<|notimestamps|>"]
+
+
+def _whisper_tokenizer(vocab_size: int):
+    """A byte-level Whisper tokenizer: single characters (no merges) and the special tokens."""
+    # byte-level BPE's space, then printable ASCII (byte-level BPE spells those bytes as is)
+    characters = [chr(0x120), *map(chr, range(33, 127))]
+    characters = characters[: vocab_size - len(WHISPER_SPECIAL)]
+    vocab = {token: i for i, token in enumerate(characters + WHISPER_SPECIAL)}
+    assert len(vocab) == vocab_size
+    tokenizer = transformers.WhisperTokenizer(vocab=vocab, merges=[])
+    tokenizer.add_special_tokens({"additional_special_tokens": WHISPER_SPECIAL[1:]})
+    return tokenizer, vocab
+
+
+@pytest.fixture(scope="module")
+def whisper(tmp_path_factory):
+    """(checkpoint directory, transformers' pipeline): a tiny multilingual Whisper over a 1 s
+    window (100 mel frames, 50 encoder positions) with its feature extractor and tokenizer."""
+    root = tmp_path_factory.mktemp("whisper-asr")
+    config = torch_model("whisper", "base").config
+    tokenizer, vocab = _whisper_tokenizer(config.vocab_size)
+    ids = {
+        "decoder_start_token_id": vocab["<|startoftranscript|>"],
+        "eos_token_id": vocab["<|endoftext|>"],
+        "pad_token_id": vocab["<|endoftext|>"],
+        "bos_token_id": vocab["<|endoftext|>"],
+    }
+    model = torch_model("whisper", "speech-seq2seq", max_source_positions=50, **ids)
+    model.generation_config = transformers.GenerationConfig(
+        **ids, lang_to_id={"<|en|>": vocab["<|en|>"], "<|fr|>": vocab["<|fr|>"]},
+        task_to_id={"translate": vocab["<|translate|>"], "transcribe": vocab["<|transcribe|>"]},
+        no_timestamps_token_id=vocab["<|notimestamps|>"], is_multilingual=True, max_length=20,
+    )  # fmt: skip
+    extractor = transformers.WhisperFeatureExtractor(
+        feature_size=config.num_mel_bins, chunk_length=1
+    )
+    for part in (model, tokenizer, extractor):
+        part.save_pretrained(root)
+    theirs = transformers.pipeline(
+        "automatic-speech-recognition", model=model, tokenizer=tokenizer,
+        feature_extractor=extractor,
+    )  # fmt: skip
+    return str(root), theirs
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        {"generate_kwargs": {"language": "en"}},  # the pipeline's default: 5 beams
+        {"generate_kwargs": {"language": "fr", "task": "translate"}, "num_beams": 1},
+        {"language": "en", "max_new_tokens": 4, "num_beams": 2},
+    ],
+    ids=["default-beams", "greedy-translate", "max-new-tokens"],
+)
+def test_whisper_speech_recognition_matches_transformers(whisper, params):
+    path, theirs = whisper
+    ours = flaxauto.pipeline("automatic-speech-recognition", model=path, batch_size=2)
+    waves = _waves()
+    answers = ours(waves, **params)
+    assert_same_answers(answers, theirs(waves, **params))
+    assert any(answer["text"] for answer in answers)
+    one = {"raw": waves[2], "sampling_rate": SAMPLING_RATE}
+    assert_same_answers(ours(one, **params), theirs(dict(one), **params))
+
+
+def test_whisper_speech_recognition_refuses_what_it_does_not_implement(whisper):
+    ours = flaxauto.pipeline("automatic-speech-recognition", model=whisper[0], language="en")
+    wave = _waves()[0]
+    for params, message in (
+        ({"return_timestamps": True}, "return_timestamps"),
+        ({"chunk_length_s": 10}, "chunk_length_s"),
+        ({"return_language": True}, "return_language"),
+    ):
+        with pytest.raises(NotImplementedError, match=message):
+            ours(wave, **params)
+    with pytest.raises(NotImplementedError, match="long-form"):
+        ours(np.tile(wave, 20))  # 1.6 s: longer than the 1 s window
+    with pytest.raises(NotImplementedError, match="language detection"):
+        flaxauto.pipeline("automatic-speech-recognition", model=whisper[0])(wave)
