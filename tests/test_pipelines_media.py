@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import transformers
 from test_pipelines import assert_same_answers
+from test_tapas import QUERIES, TABLE, write_tiny_tapas
 
 import flaxauto
 from flaxauto.pipelines.base import bucket_length
@@ -259,3 +260,68 @@ def test_whisper_speech_recognition_refuses_what_it_does_not_implement(whisper):
         ours(np.tile(wave, 20))  # 1.6 s: longer than the 1 s window
     with pytest.raises(NotImplementedError, match="language detection"):
         flaxauto.pipeline("automatic-speech-recognition", model=whisper[0])(wave)
+
+
+# -- table-question-answering -----------------------------------------------------------------
+
+
+def _table_frame():
+    import pandas as pd
+
+    return pd.DataFrame.from_dict(TABLE)
+
+
+@pytest.fixture(scope="module")
+def tapas(tmp_path_factory):
+    """(checkpoint directory, transformers' pipeline) for test_tapas' tiny WTQ-style model and its
+    TapasTokenizer (aggregation NONE / SUM / AVERAGE / COUNT)."""
+    import torch
+
+    root = tmp_path_factory.mktemp("tapas-pipeline")
+    tokenizer, model = write_tiny_tapas(root)
+    # the random head selects no cell: shift its bias so that about half the body tokens of
+    # these questions score above 0.5 (the shift falls between two tokens' logits, never on one)
+    inputs = tokenizer(table=_table_frame(), queries=QUERIES, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        logits = model(**inputs).logits
+        types = inputs["token_type_ids"]
+        body = np.sort(logits[(types[..., 0] == 1) & (types[..., 2] > 0)].numpy())
+        middle = len(body) // 2
+        model.output_bias -= float(body[middle - 1] + body[middle]) / 2
+    model.save_pretrained(root)
+    theirs = transformers.pipeline("table-question-answering", model=model, tokenizer=tokenizer)
+    return str(root), theirs
+
+
+@pytest.mark.parametrize("sequential", [False, True], ids=["batched", "sequential"])
+def test_table_question_answering_matches_transformers(tapas, sequential):
+    path, theirs = tapas
+    ours = flaxauto.pipeline("table-question-answering", model=path, batch_size=2)
+    params = {"sequential": sequential}
+    answers = ours(TABLE, QUERIES, **params)
+    assert_same_answers(answers, theirs(TABLE, QUERIES, **params))
+    assert any(answer["cells"] for answer in answers)  # the random model does select cells
+    one = {"table": _table_frame(), "query": QUERIES[0]}
+    assert_same_answers(ours(one, **params), theirs(dict(one), **params))
+    assert_same_answers(ours(table=TABLE, query=QUERIES[1]), theirs(table=TABLE, query=QUERIES[1]))
+    several = [one, {"table": TABLE, "query": QUERIES}]
+    assert_same_answers(ours(several, **params), theirs([dict(x) for x in several], **params))
+    with pytest.raises(ValueError, match="query is empty"):
+        ours(TABLE, "")
+
+
+def test_sequential_questions_see_the_previous_answer(tapas):
+    """The second question's prev_labels (from the first's answer) move its logits: the
+    sequential path is not the batched one under another name."""
+
+    ours = flaxauto.pipeline("table-question-answering", model=tapas[0])
+    seen = []
+    run_batch = ours._run_batch
+    ours._run_batch = lambda examples: seen.append((examples, run_batch(examples))) or seen[-1][1]
+    answers = ours(TABLE, QUERIES, sequential=True)
+    ours(TABLE, QUERIES[1])
+    assert answers[0]["cells"]  # the first answer selects cells, which the second question sees
+    ([_], _), ([second], [with_answer]), ([alone], [without]) = seen
+    assert second["token_type_ids"][:, 3].any() and not alone["token_type_ids"][:, 3].any()
+    real = len(without["logits"])  # the pair was padded to its longer question
+    assert np.abs(with_answer["logits"][:real] - without["logits"]).max() > 1e-3

@@ -27,6 +27,7 @@ from flaxauto.pipelines.media import (
 )
 from flaxauto.pipelines.question_answering import QuestionAnsweringPipeline
 from flaxauto.pipelines.speech import AutomaticSpeechRecognitionPipeline
+from flaxauto.pipelines.table import TableQuestionAnsweringPipeline
 from flaxauto.pipelines.text import (
     FeatureExtractionPipeline,
     FillMaskPipeline,
@@ -42,6 +43,7 @@ PIPELINES: dict[str, type[Pipeline]] = {
     "audio-classification": AudioClassificationPipeline,
     "video-classification": VideoClassificationPipeline,
     "automatic-speech-recognition": AutomaticSpeechRecognitionPipeline,
+    "table-question-answering": TableQuestionAnsweringPipeline,
     "text-classification": TextClassificationPipeline,
     "token-classification": TokenClassificationPipeline,
     "fill-mask": FillMaskPipeline,
