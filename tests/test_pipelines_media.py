@@ -230,10 +230,9 @@ def whisper(tmp_path_factory):
     "params",
     [
         {"generate_kwargs": {"language": "en"}},  # the pipeline's default: 5 beams
-        {"generate_kwargs": {"language": "fr", "task": "translate"}, "num_beams": 1},
-        {"language": "en", "max_new_tokens": 4, "num_beams": 2},
+        {"language": "fr", "task": "translate", "max_new_tokens": 4, "num_beams": 2},
     ],
-    ids=["default-beams", "greedy-translate", "max-new-tokens"],
+    ids=["default-beams", "settings-as-keywords"],
 )
 def test_whisper_speech_recognition_matches_transformers(whisper, params):
     path, theirs = whisper
@@ -325,3 +324,24 @@ def test_sequential_questions_see_the_previous_answer(tapas):
     assert second["token_type_ids"][:, 3].any() and not alone["token_type_ids"][:, 3].any()
     real = len(without["logits"])  # the pair was padded to its longer question
     assert np.abs(with_answer["logits"][:real] - without["logits"]).max() > 1e-3
+
+
+# -- audio-classification beyond wav2vec2 (tests/test_pipelines.py) ---------------------------
+
+
+def test_whisper_audio_classification_matches_transformers(tmp_path):
+    """Whisper's encoder classifier reads log-mel features over its (here 1 s) window: every
+    waveform is processed to one shape, so one program serves them all."""
+    model = torch_model("whisper", "audio-classification", max_source_positions=50)
+    model.save_pretrained(tmp_path)
+    extractor = transformers.WhisperFeatureExtractor(
+        feature_size=model.config.num_mel_bins, chunk_length=1
+    )
+    theirs = transformers.pipeline("audio-classification", model=model, feature_extractor=extractor)
+    ours = flaxauto.pipeline(
+        "audio-classification", model=str(tmp_path), feature_extractor=extractor, batch_size=2
+    )
+    waves = _waves()
+    for params in ({}, {"top_k": 2}, {"function_to_apply": "sigmoid"}):
+        assert_same_answers(ours(waves, **params), theirs(waves, **params))
+    assert ours.compilations == 1
