@@ -345,3 +345,11 @@ def test_whisper_audio_classification_matches_transformers(tmp_path):
     for params in ({}, {"top_k": 2}, {"function_to_apply": "sigmoid"}):
         assert_same_answers(ours(waves, **params), theirs(waves, **params))
     assert ours.compilations == 1
+
+
+def test_speech_recognition_names_the_model_types_that_serve_it(tmp_path):
+    """Two registry tasks serve the pipeline (CTC, speech-seq2seq): a model type with neither
+    is refused naming the types of both."""
+    torch_model("bert", "base").save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="no 'bert' model.*hubert, wav2vec2, whisper"):
+        flaxauto.pipeline("automatic-speech-recognition", model=str(tmp_path))

@@ -79,9 +79,8 @@ def pipeline(task: str, model=None, *, tokenizer=None, image_processor=None,
     given = {"tokenizer": tokenizer, "feature_extractor": feature_extractor}
     extras = {kind: given[kind] for kind in getattr(pipeline_class, "extra_processors", ())}
     if isinstance(model, (str, Path)):
-        model_task = _check_family(
-            model, getattr(pipeline_class, "tasks", ()), pipeline_class.task, task
-        )
+        tasks = getattr(pipeline_class, "tasks", (pipeline_class.task,))
+        model_task = _check_family(model, tasks, task)
         name = str(model)
         model = _load(name, model_task, model_kwargs or {})
         processor = name if processor is None else processor
@@ -125,29 +124,29 @@ def _load(name: str, task: str, model_kwargs: dict):
     return auto_class.from_pretrained(name, **model_kwargs)
 
 
-def _check_family(model, tasks: tuple[str, ...], task: str, asked: str) -> str:
-    """The registry task to load a checkpoint with: `task`, or the first of `tasks` (several
-    serve one pipeline: speech recognition's CTC and speech-seq2seq) its model_type serves. A
-    local checkpoint whose model_type has none is refused before loading, naming the model
-    types that have one."""
+def _check_family(model, tasks: tuple[str, ...], asked: str) -> str:
+    """The registry task to load a checkpoint with: the first of `tasks` (several may serve one
+    pipeline: speech recognition's CTC and speech-seq2seq) that its model_type serves. A local
+    checkpoint whose model_type serves none is refused before loading, naming the model types
+    that serve one."""
     config_path = Path(model) / "config.json"
-    if not config_path.is_file():
-        if tasks:  # a hub id: its config says which task serves it
-            from transformers import AutoConfig
+    if config_path.is_file():
+        model_type = json.loads(config_path.read_text()).get("model_type")
+    elif len(tasks) > 1:  # a hub id: its config says which task serves it
+        from transformers import AutoConfig
 
-            model_type = AutoConfig.from_pretrained(str(model)).model_type
-            return next((t for t in tasks if t in registry.supported().get(model_type, ())), task)
-        return task  # from_pretrained resolves it and refuses what is unsupported
-    model_type = json.loads(config_path.read_text()).get("model_type")
-    tasks = tasks or (task,)
-    task = next((t for t in tasks if t in registry.supported().get(model_type, ())), task)
-    serving = sorted(t for t, served in registry.supported().items() if set(tasks) & set(served))
-    if model_type not in serving:
-        raise ValueError(
-            f"flaxauto has no {model_type!r} model for {asked!r}; "
-            f"the model types that have one: {', '.join(serving)}"
-        )
-    return task
+        model_type = AutoConfig.from_pretrained(str(model)).model_type
+    else:
+        return tasks[0]  # from_pretrained resolves the hub id and refuses what is unsupported
+    served = registry.supported()
+    for task in tasks:
+        if task in served.get(model_type, ()):
+            return task
+    serving = sorted(t for t, its_tasks in served.items() if set(tasks) & set(its_tasks))
+    raise ValueError(
+        f"flaxauto has no {model_type!r} model for {asked!r}; "
+        f"the model types that have one: {', '.join(serving)}"
+    )
 
 
 __all__ = ["PIPELINES", "TASK_ALIASES", "Pipeline", "pipeline"]
