@@ -14,6 +14,7 @@ from test_pipelines import assert_same_answers
 from test_tapas import QUERIES, TABLE, write_tiny_tapas
 
 import flaxauto
+from flaxauto.cli import main
 from flaxauto.pipelines.base import bucket_length
 from references import torch_model
 
@@ -324,6 +325,18 @@ def test_sequential_questions_see_the_previous_answer(tapas):
     assert second["token_type_ids"][:, 3].any() and not alone["token_type_ids"][:, 3].any()
     real = len(without["logits"])  # the pair was padded to its longer question
     assert np.abs(with_answer["logits"][:real] - without["logits"]).max() > 1e-3
+
+
+def test_the_run_command_answers_table_questions(tapas, capsys):
+    """`flaxauto run table-question-answering DIR '{"table": ..., "query": ...}'`: JSON lines."""
+    path, theirs = tapas
+    lines = [json.dumps({"table": TABLE, "query": query}) for query in QUERIES]
+    assert main(["run", "table-question-answering", path, *lines]) == 0
+    answers = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    expected = theirs([{"table": TABLE, "query": query} for query in QUERIES])
+    for answer in expected:
+        answer["coordinates"] = [list(cell) for cell in answer["coordinates"]]  # JSON has no tuples
+    assert_same_answers(answers, expected)
 
 
 # -- audio-classification beyond wav2vec2 (tests/test_pipelines.py) ---------------------------
