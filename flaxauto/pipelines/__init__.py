@@ -21,8 +21,14 @@ from flaxauto.pipelines.generation import (
     TextGenerationPipeline,
     TranslationPipeline,
 )
-from flaxauto.pipelines.media import AudioClassificationPipeline, ImageClassificationPipeline
+from flaxauto.pipelines.media import (
+    AudioClassificationPipeline,
+    ImageClassificationPipeline,
+    VideoClassificationPipeline,
+)
 from flaxauto.pipelines.question_answering import QuestionAnsweringPipeline
+from flaxauto.pipelines.speech import AutomaticSpeechRecognitionPipeline
+from flaxauto.pipelines.table import TableQuestionAnsweringPipeline
 from flaxauto.pipelines.text import (
     FeatureExtractionPipeline,
     FillMaskPipeline,
@@ -37,6 +43,9 @@ PIPELINES: dict[str, type[Pipeline]] = {
     "image-classification": ImageClassificationPipeline,
     "audio-classification": AudioClassificationPipeline,
     "object-detection": ObjectDetectionPipeline,
+    "video-classification": VideoClassificationPipeline,
+    "automatic-speech-recognition": AutomaticSpeechRecognitionPipeline,
+    "table-question-answering": TableQuestionAnsweringPipeline,
     "text-classification": TextClassificationPipeline,
     "token-classification": TokenClassificationPipeline,
     "fill-mask": FillMaskPipeline,
@@ -69,15 +78,23 @@ def pipeline(task: str, model=None, *, tokenizer=None, image_processor=None,
     }[kind]
     if model is None:
         raise ValueError(f"pipeline({task!r}) needs model=: a checkpoint directory or hub id")
+    given = {"tokenizer": tokenizer, "feature_extractor": feature_extractor}
+    extras = {kind: given[kind] for kind in getattr(pipeline_class, "extra_processors", ())}
     if isinstance(model, (str, Path)):
-        _check_family(model, pipeline_class.task, task)
+        tasks = getattr(pipeline_class, "tasks", (pipeline_class.task,))
+        model_task = _check_family(model, tasks, task)
         name = str(model)
-        model = _load(name, pipeline_class.task, model_kwargs or {})
+        model = _load(name, model_task, model_kwargs or {})
         processor = name if processor is None else processor
+        extras = {kind: name if value is None else value for kind, value in extras.items()}
     if processor is None:
         raise ValueError(f"pass {kind}= with a model object (an object, a path or a hub id)")
     if isinstance(processor, (str, Path)):
         processor = _load_processor(kind, str(processor))
+    for kind, value in extras.items():  # e.g. speech recognition's tokenizer
+        options[kind] = (
+            _load_processor(kind, str(value)) if isinstance(value, (str, Path)) else value
+        )
     if issubclass(pipeline_class, Text2TextGenerationPipeline):
         options["task_name"] = TASK_ALIASES.get(task, task)
     return pipeline_class(model, processor, batch_size=batch_size, progress=progress, **options)
@@ -109,19 +126,29 @@ def _load(name: str, task: str, model_kwargs: dict):
     return auto_class.from_pretrained(name, **model_kwargs)
 
 
-def _check_family(model, task: str, asked: str) -> None:
-    """A local checkpoint whose model_type has no family for the task is refused before
-    loading, naming the model types that have one."""
+def _check_family(model, tasks: tuple[str, ...], asked: str) -> str:
+    """The registry task to load a checkpoint with: the first of `tasks` (several may serve one
+    pipeline: speech recognition's CTC and speech-seq2seq) that its model_type serves. A local
+    checkpoint whose model_type serves none is refused before loading, naming the model types
+    that serve one."""
     config_path = Path(model) / "config.json"
-    if not config_path.is_file():
-        return  # a hub id: from_pretrained resolves it and refuses what is unsupported
-    model_type = json.loads(config_path.read_text()).get("model_type")
-    serving = sorted(t for t, tasks in registry.supported().items() if task in tasks)
-    if model_type not in serving:
-        raise ValueError(
-            f"flaxauto has no {model_type!r} model for {asked!r}; "
-            f"the model types that have one: {', '.join(serving)}"
-        )
+    if config_path.is_file():
+        model_type = json.loads(config_path.read_text()).get("model_type")
+    elif len(tasks) > 1:  # a hub id: its config says which task serves it
+        from transformers import AutoConfig
+
+        model_type = AutoConfig.from_pretrained(str(model)).model_type
+    else:
+        return tasks[0]  # from_pretrained resolves the hub id and refuses what is unsupported
+    served = registry.supported()
+    for task in tasks:
+        if task in served.get(model_type, ()):
+            return task
+    serving = sorted(t for t, its_tasks in served.items() if set(tasks) & set(its_tasks))
+    raise ValueError(
+        f"flaxauto has no {model_type!r} model for {asked!r}; "
+        f"the model types that have one: {', '.join(serving)}"
+    )
 
 
 __all__ = ["PIPELINES", "TASK_ALIASES", "Pipeline", "pipeline"]

@@ -7,7 +7,7 @@ from typing import ClassVar
 
 import numpy as np
 
-from flaxauto.pipelines.base import Pipeline
+from flaxauto.pipelines.base import Pipeline, _positive
 from flaxauto.pipelines.text import SCORE_FUNCTIONS
 
 
@@ -136,3 +136,75 @@ def _waveform(item, sampling_rate: int) -> np.ndarray:
 
 def _is_iterator(inputs) -> bool:
     return hasattr(inputs, "__next__")
+
+
+class VideoClassificationPipeline(Pipeline):
+    """video-classification: a video given as its frames (a [T, H, W, C] array or a list of
+    frames, each an image or a [H, W, C] array) -> its top_k (default 5) labels. Of the frames,
+    `num_frames` (default: the model's) are taken at transformers' indices, every
+    `frame_sampling_rate`-th (default 1) from the first, as its pipeline takes them from a
+    decoded file; a list of videos gets a list of answers. Video files and URLs need a decoder
+    (av, decord) that flaxauto does not ship: decode them first."""
+
+    task = "video-classification"
+    processor_kind = "image_processor"
+    padded_inputs: ClassVar[dict] = {}
+
+    def check_params(self, top_k=5, num_frames=None, frame_sampling_rate=1, function_to_apply=None):
+        return {
+            "top_k": top_k,
+            "num_frames": num_frames,
+            "frame_sampling_rate": _positive("frame_sampling_rate", frame_sampling_rate),
+            "function": check_function(function_to_apply),
+        }
+
+    def is_single(self, inputs) -> bool:
+        """One video: a 4-D array, or a list of frames (images or 3-D arrays); several videos:
+        a list of those, or an iterator."""
+        if isinstance(inputs, (np.ndarray, str)):
+            return True
+        if isinstance(inputs, (list, tuple)):
+            return bool(inputs) and _is_frame(inputs[0])
+        return not _is_iterator(inputs)
+
+    def preprocess(self, item, num_frames=None, frame_sampling_rate=1, **params):
+        frames = _frames(item)
+        num_frames = num_frames or self.config.num_frames
+        last = num_frames * frame_sampling_rate - 1
+        if len(frames) <= last:
+            raise ValueError(
+                f"the video has {len(frames)} frames; num_frames={num_frames} at "
+                f"frame_sampling_rate={frame_sampling_rate} needs {last + 1}"
+            )
+        indices = np.linspace(0, last, num=num_frames, dtype=np.int64)
+        chosen = [frames[i] for i in indices]
+        pixels = self.processor(chosen, return_tensors="np")["pixel_values"][0]  # [T, C, H, W]
+        return [{"pixel_values": pixels}]
+
+    def postprocess(self, item, outputs, top_k=5, function=None, **params):
+        problem_type = self.config.problem_type
+        default = {"regression": "none", "multi_label_classification": "sigmoid"}
+        function = function or default.get(problem_type, "softmax")
+        return ranked_labels(
+            self.config, outputs[0]["logits"], function, min(top_k, self.config.num_labels)
+        )
+
+
+def _is_frame(value) -> bool:
+    return (isinstance(value, np.ndarray) and value.ndim == 3) or hasattr(value, "getpixel")
+
+
+def _frames(video) -> list:
+    if isinstance(video, str):
+        raise NotImplementedError(
+            "reading video files or URLs needs a video decoder (av or decord): decode the "
+            "frames and pass them as a [T, H, W, C] array or a list of frames"
+        )
+    if isinstance(video, np.ndarray):
+        if video.ndim != 4:
+            raise ValueError(f"a video array is [T, H, W, C], not of shape {video.shape}")
+        return list(video)
+    frames = list(video)
+    if not frames or not all(_is_frame(frame) for frame in frames):
+        raise ValueError("a video is a list of frames: images or [H, W, C] arrays")
+    return frames
