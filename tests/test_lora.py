@@ -217,3 +217,19 @@ def test_modules_to_save_round_trip_through_peft(tmp_path):
     flaxauto.load_lora(fresh, tmp_path / "adapter")
     _assert_close("bert", inputs, fresh(**inputs), model(**inputs))
     assert jnp.array_equal(parameter_slots(fresh)["classifier.weight"].variable[...], head[...])
+
+
+def test_convolutions_peft_cannot_adapt_are_refused():
+    """PEFT's lora_A takes no dilation, and a grouped convolution's rank must divide by its
+    groups (PEFT raises the same ValueError): both refused when the adapter is made."""
+    from flaxauto.lora import LoRAConv
+
+    rngs = nnx.Rngs(0)
+    dilated = nnx.Conv(4, 4, (3, 3), kernel_dilation=(2, 2), rngs=rngs)
+    with pytest.raises(NotImplementedError, match="dilat"):
+        LoRAConv(dilated, 2, 1.0, 0.0, "conv", rngs)
+    grouped = nnx.Conv(4, 8, (3, 3), feature_group_count=4, rngs=rngs)
+    with pytest.raises(ValueError, match="divisible"):
+        LoRAConv(grouped, 2, 1.0, 0.0, "conv", rngs)
+    adapter = LoRAConv(grouped, 4, 1.0, 0.0, "conv", rngs)
+    assert adapter.lora_a.shape == (3, 3, 4, 4) and adapter.lora_b.shape == (1, 1, 1, 8)
