@@ -8,13 +8,19 @@
 
 A targeted linear layer (nnx.Linear, GPT-2's Conv1D) is replaced in place by a `LoRALinear`: an
 nnx.LoRA whose base_module is the original layer, adding PEFT's update
-`lora_B(lora_A(dropout(x))) * alpha / r` (alpha / sqrt(r) with use_rslora). The adapter matrices
-are nnx.LoRAParam (a subclass of nnx.Param), so `wrt=nnx.LoRAParam` trains them alone; the base
-layer keeps its path below `base_module`, which the converters skip when naming tensors.
+`lora_B(lora_A(dropout(x))) * alpha / r` (alpha / sqrt(r) with use_rslora). A targeted
+convolution (nnx.Conv: ResNet's, RegNet's, ConvNeXt's) becomes a `LoRAConv` in PEFT's form for
+nn.Conv2d: lora_A a convolution with the base's kernel size, stride and padding into r channels,
+lora_B a 1x1 convolution with the base's groups. The adapter matrices are nnx.LoRAParam (a
+subclass of nnx.Param), so `wrt=nnx.LoRAParam` trains them alone; the base layer keeps its path
+below `base_module`, which the converters skip when naming tensors.
 
-Module names are transformers' (PEFT matches them): a target_modules entry matches a module
-whose PyTorch name is it or ends with "." + it; a string is a regular expression that must match
-the whole name, as in PEFT.
+Module names are transformers' PyTorch module names as the model holds them in memory, which
+PEFT matches and writes: where transformers 5 renames a family's checkpoint names at load (ViT's
+hub `encoder.layer.0.attention.attention.query` is `layers.0.attention.q_proj` in memory), the
+family's `torch_names` gives the in-memory name. A target_modules entry matches a module whose
+name is it or ends with "." + it; a string is a regular expression that must match the whole
+name, as in PEFT.
 """
 
 from __future__ import annotations
@@ -109,6 +115,124 @@ class LoRALinear(nnx.LoRA):
             self.scaling
         )
 
+    def to_peft(self, a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """lora_a [in, r], lora_b [r, out] -> PEFT's lora_A.weight [r, in], lora_B.weight
+        [out, r]."""
+        return a.T, b.T
+
+    def from_peft(self, a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return a.T, b.T
+
+
+class LoRAConv(nnx.LoRA):
+    """nnx.LoRA around a convolution (channels last), as PEFT adapts torch's ConvNd: lora_a
+    [*kernel, in, r] is a convolution with the base's kernel size, stride and padding (not its
+    dilation, which PEFT's lora_A does not take either: refused), lora_b [1, ..., 1, r / groups,
+    out] a 1x1 convolution with the base's groups. PEFT's lora_A.weight is [r, in, *kernel] and
+    lora_B.weight [out, r / groups, 1, ...]."""
+
+    def __init__(
+        self,
+        base: nnx.Conv,
+        r: int,
+        scaling: float,
+        dropout: float,
+        torch_name: str,
+        rngs: nnx.Rngs,
+    ):
+        groups = base.feature_group_count
+        if any(d != 1 for d in _as_tuple(base.kernel_dilation, len(base.kernel_size))):
+            raise NotImplementedError(
+                f"LoRA on {torch_name}: a dilated convolution (dilation "
+                f"{base.kernel_dilation}); PEFT's lora_A does not take the dilation"
+            )
+        if r % groups:
+            raise ValueError(  # PEFT's own refusal
+                f"LoRA on {torch_name} (groups={groups}): the rank r={r} must be divisible by "
+                "the convolution's groups, as PEFT requires"
+            )
+        kernel = tuple(base.kernel_size)
+        ones = (1,) * len(kernel)
+        a_shape, b_shape = (*kernel, base.in_features, r), (*ones, r // groups, base.out_features)
+        fan_in = base.in_features * math.prod(kernel)  # PEFT's kaiming_uniform_(a=sqrt(5))
+        bound = 1 / math.sqrt(fan_in)
+        in_axis, out_axis = (base.kernel.get_metadata("out_sharding", None) or (None, None))[-2:]
+        spatial = (None,) * len(kernel)
+        super().__init__(
+            base.in_features,
+            r,
+            base.out_features,
+            base_module=base,
+            dtype=base.dtype,
+            param_dtype=base.param_dtype,
+            # nnx.LoRA asks for [in, r] and [r, out]: the convolutions' kernels are drawn instead
+            a_initializer=lambda key, _, dtype: jax.random.uniform(
+                key, a_shape, dtype, -bound, bound
+            ),
+            b_initializer=lambda key, _, dtype: jnp.zeros(b_shape, dtype),
+            rngs=rngs,
+            a_metadata={"out_sharding": (*spatial, in_axis, None), "eager_sharding": False},
+            b_metadata={"out_sharding": (*spatial, None, out_axis), "eager_sharding": False},
+        )
+        self.scaling = scaling
+        self.dropout = nnx.Dropout(dropout, rngs=rngs)
+        self.torch_name = torch_name
+        self.groups = groups
+
+    def _convolve(self, x, kernel, strides, padding, groups):
+        n = kernel.ndim - 2
+        spatial = "".join("DHW"[-n:]) if n <= 3 else None
+        return jax.lax.conv_general_dilated(
+            x,
+            kernel,
+            window_strides=strides,
+            padding=padding,
+            feature_group_count=groups,
+            dimension_numbers=(f"N{spatial}C", f"{spatial}IO", f"N{spatial}C"),
+            precision=self.base_module.precision,
+        )
+
+    def __call__(self, x: jax.Array) -> jax.Array:  # x [B, *spatial, in] -> [B, *spatial', out]
+        base = self.base_module(x)
+        dtype = base.dtype
+        a, b = self.lora_a[...].astype(dtype), self.lora_b[...].astype(dtype)
+        n = a.ndim - 2
+        strides = _as_tuple(self.base_module.strides, n)
+        hidden = self._convolve(
+            self.dropout(x).astype(dtype), a, strides, self.base_module.padding, 1
+        )  # [B, *spatial', r]
+        update = self._convolve(hidden, b, (1,) * n, "VALID", self.groups)
+        return base + (update * self.scaling).astype(dtype)
+
+    def delta(self) -> jax.Array:
+        """The update to the base kernel [*kernel, in, out] that merging adds."""
+        if self.groups > 1:
+            raise NotImplementedError(  # as PEFT: the 1x1 grouped lora_B has no dense form
+                f"merging LoRA into {self.torch_name}, a convolution with groups={self.groups}, "
+                "is not supported (PEFT does not merge it either)"
+            )
+        a = self.lora_a[...].astype(jnp.float32)  # [*kernel, in, r]
+        b = self.lora_b[...].astype(jnp.float32).reshape(a.shape[-1], -1)  # [r, out]
+        return (a @ b) * self.scaling
+
+    def to_peft(self, a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """lora_a, lora_b -> PEFT's lora_A.weight [r, in, *kernel], lora_B.weight [out, r/g,
+        1, ...] (flax's channels-last kernels to torch's)."""
+        order = (a.ndim - 1, a.ndim - 2, *range(a.ndim - 2))
+        return a.transpose(order), b.transpose(order)
+
+    def from_peft(self, a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        order = (*range(2, a.ndim), 1, 0)
+        return a.transpose(order), b.transpose(order)
+
+
+def _as_tuple(value, n: int) -> tuple[int, ...]:
+    return (value,) * n if isinstance(value, int) else tuple(value)
+
+
+#: the adapter modules lora() puts in place, by the layer type they wrap
+ADAPTERS = ((nnx.Conv, LoRAConv), (nnx.Linear, LoRALinear))
+
 
 def _check_plain_layers(model) -> None:
     from flaxauto.stacks import ScannedLayers
@@ -120,15 +244,29 @@ def _check_plain_layers(model) -> None:
             )
 
 
-def _linear_names(model) -> dict[int, str]:
-    """id(linear layer) -> its PyTorch module name, read off the converters' table."""
+def _torch_name(model, name: str) -> str:
+    """A checkpoint name -> the name transformers' PyTorch model holds it under in memory."""
+    rename = model.family.torch_names
+    return name if rename is None else rename(name)
+
+
+def _hub_name(model, name: str) -> str:
+    """transformers' in-memory name -> the checkpoint name flaxauto's converters use."""
+    renames = model.family.renames
+    return renames(name) if callable(renames) else renames.get(name, name)
+
+
+def _adaptable_names(model) -> dict[int, str]:
+    """id(linear or convolution layer) -> its PyTorch module name as transformers holds it in
+    memory (PEFT's), read off the converters' table."""
     names = {}
     for name, slot in parameter_slots(model).items():
         names[id(slot.variable)] = name.rsplit(".", 1)[0]
+    kinds = tuple(kind for kind, _ in ADAPTERS)
     return {
-        id(module): names[id(module.kernel)]
+        id(module): _torch_name(model, names[id(module.kernel)])
         for _, module in nnx.iter_modules(model)
-        if isinstance(module, nnx.Linear) and id(module.kernel) in names
+        if isinstance(module, kinds) and id(module.kernel) in names
     }
 
 
@@ -149,9 +287,10 @@ def _replace(model, path: tuple, module) -> None:
         setattr(parent, last, module)
 
 
-def lora_layers(model) -> dict[str, LoRALinear]:
+def lora_layers(model) -> dict[str, LoRALinear | LoRAConv]:
     """The model's LoRA layers by PyTorch module name."""
-    return {m.torch_name: m for _, m in nnx.iter_modules(model) if isinstance(m, LoRALinear)}
+    adapters = tuple(adapter for _, adapter in ADAPTERS)
+    return {m.torch_name: m for _, m in nnx.iter_modules(model) if isinstance(m, adapters)}
 
 
 def lora(
@@ -164,8 +303,8 @@ def lora(
     use_rslora: bool = False,
     seed: int = 0,
 ):
-    """Wrap the linear layers named by target_modules in LoRA adapters (in place); returns the
-    model. Scaling is PEFT's alpha / r (alpha / sqrt(r) with use_rslora; alpha defaults to r).
+    """Wrap the linear and convolution layers named by target_modules in LoRA adapters (in
+    place); returns the model. Scaling is PEFT's alpha / r (alpha / sqrt(r) with use_rslora; alpha defaults to r).
     lora_A starts as PEFT's (uniform in +-1/sqrt(in)) and lora_B at zero, so the model's
     outputs do not change until it trains."""
     if r <= 0:
@@ -175,7 +314,7 @@ def lora(
     _check_plain_layers(model)
     alpha = r if alpha is None else alpha
     scaling = alpha / math.sqrt(r) if use_rslora else alpha / r
-    names = _linear_names(model)
+    names = _adaptable_names(model)
     targets = [
         (path, module, names[id(module)])
         for path, module in nnx.iter_modules(model)
@@ -183,7 +322,8 @@ def lora(
     ]
     if not targets:
         raise ValueError(
-            f"target_modules {target_modules!r} match no linear layer; some names: "
+            f"target_modules {target_modules!r} match no linear or convolution layer; some "
+            f"names: "
             f"{sorted(names.values())[:8]}"
         )
     rngs = nnx.Rngs(seed)
@@ -193,7 +333,8 @@ def lora(
     )
     mesh, rules = getattr(model.static, "placement", (None, None))
     for path, module, name in targets:
-        layer = LoRALinear(module, r, scaling, dropout, name, rngs)
+        adapter = next(adapter for kind, adapter in ADAPTERS if isinstance(module, kind))
+        layer = adapter(module, r, scaling, dropout, name, rngs)
         layer.dropout.deterministic = deterministic
         if mesh is not None:  # the adapters split as their base kernel does
             shard_model(layer, mesh, rules)
@@ -211,8 +352,11 @@ def lora(
 def merge_lora(model):
     """Fold every adapter into its base kernel (W + scaling * A @ B) and put the base layers
     back in place; returns the model, ready for save_pretrained."""
+    adapters = list(lora_layers(model).values())
+    for adapter in adapters:
+        adapter.delta()  # refuses before anything changes (a grouped convolution's)
     for path, module in list(nnx.iter_modules(model)):
-        if isinstance(module, LoRALinear):
+        if isinstance(module, tuple(adapter for _, adapter in ADAPTERS)):
             base = module.base_module
             kernel = base.kernel[...]
             base.kernel.set_value(
@@ -268,11 +412,12 @@ def save_lora(model, save_directory, *, modules_to_save: Sequence[str] | None = 
     tensors = {}
     for name, layer in layers_.items():
         a, b = (np.asarray(jax.device_get(v[...])) for v in (layer.lora_a, layer.lora_b))
-        tensors[f"{PEFT_PREFIX}{name}.lora_A.weight"] = np.ascontiguousarray(a.T)
-        tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"] = np.ascontiguousarray(b.T)
+        a, b = layer.to_peft(a, b)
+        tensors[f"{PEFT_PREFIX}{name}.lora_A.weight"] = np.ascontiguousarray(a)
+        tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"] = np.ascontiguousarray(b)
     for name, slot in _saved_module_slots(model, modules_to_save or ()).items():
         value = np.asarray(jax.device_get(slot.variable.get_value()))
-        tensors[PEFT_PREFIX + name] = slot.to_torch(value)
+        tensors[PEFT_PREFIX + _torch_name(model, name)] = slot.to_torch(value)
     directory = Path(save_directory)
     directory.mkdir(parents=True, exist_ok=True)
     save_file(tensors, directory / ADAPTER_WEIGHTS, metadata={"format": "pt"})
@@ -347,20 +492,26 @@ def load_lora(model, directory, *, seed: int = 0):
         )
     layers_ = lora_layers(model)
     slots = parameter_slots(model)
-    unexpected, filled = [], set()
+    unexpected, filled, pairs = [], set(), {}
     for key, tensor in load_file(directory / ADAPTER_WEIGHTS).items():
         name = key.removeprefix(PEFT_PREFIX)
         name = re.sub(r"\.lora_([AB])\.[^.]+\.weight$", r".lora_\1.weight", name)  # adapter name
         match = re.fullmatch(r"(.+)\.lora_([AB])\.weight", name)
+        saved = _hub_name(model, name.replace(".modules_to_save.", "."))
         if match and match[1] in layers_:
-            variable = layers_[match[1]].lora_a if match[2] == "A" else layers_[match[1]].lora_b
-            _fill(variable, tensor.T, key)
-            filled.add((match[1], match[2]))
-        elif name.replace(".modules_to_save.", ".") in slots:
-            slot = slots[name.replace(".modules_to_save.", ".")]
-            _fill(slot.variable, slot.to_flax(tensor), key)
+            pairs.setdefault(match[1], {})[match[2]] = (tensor, key)
+        elif saved in slots:
+            _fill(slots[saved].variable, slots[saved].to_flax(tensor), key)
         else:
             unexpected.append(key)
+    for name, pair in pairs.items():
+        layer = layers_[name]
+        if set(pair) != {"A", "B"}:
+            continue  # reported as missing below
+        a, b = layer.from_peft(pair["A"][0], pair["B"][0])
+        _fill(layer.lora_a, a, pair["A"][1])
+        _fill(layer.lora_b, b, pair["B"][1])
+        filled |= {(name, "A"), (name, "B")}
     if unexpected:
         raise ValueError(f"{directory / ADAPTER_WEIGHTS}: tensors this model has no place for: "
                          f"{unexpected[:8]}")  # fmt: skip

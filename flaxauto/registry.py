@@ -156,6 +156,9 @@ class Family:
     #: config attributes the family implements (flaxauto.config_checks refuses any other set
     #: away from its default); None: not checked
     config_attributes: frozenset[str] | None = None
+    #: checkpoint name -> the name transformers 5's PyTorch model holds it under in memory (what
+    #: PEFT's target_modules and adapter files say), where the two differ: renames' inverse
+    torch_names: Callable[[str], str] | None = None
 
 
 _FAMILIES: dict[str, Family] = {}
@@ -175,6 +178,7 @@ def register(
     config_attributes: Iterable[str] | None = None,
     config_class: type | None = None,
     exist_ok: bool = False,
+    torch_names: Callable[[str], str] | None = None,
 ) -> Family:
     """Add a family. Code outside flaxauto can call this too; pass `config_class` (a transformers
     PreTrainedConfig subclass) for a model_type transformers itself does not know. A model_type
@@ -197,6 +201,7 @@ def register(
         ties=ties if callable(ties) else MappingProxyType(dict(ties or {})),
         ignored=tuple(ignored),
         config_attributes=None if config_attributes is None else frozenset(config_attributes),
+        torch_names=torch_names,
     )
     taken = [t for t in family.model_types if t in _FAMILIES]
     if _importing_builtin:  # a built-in import never replaces what is already registered

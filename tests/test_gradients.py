@@ -38,24 +38,35 @@ NOISE_FLOOR = 1e-2
 LABELLED = [(m, t) for m, t in task_pairs() if t in LABEL_FACTORIES]
 
 
-def torch_gradients(model, batch) -> tuple[float, dict[str, tuple[str, ...], np.ndarray]]:
-    """PyTorch's loss and d loss / d parameter: {names of one parameter (several where tied):
-    gradient}."""
+def torch_gradients(model, batch) -> tuple[float, dict[tuple[str, ...], np.ndarray]]:
+    """PyTorch's loss and d loss / d parameter: {checkpoint names of one parameter (several
+    where tied): gradient}.
+
+    transformers 5 holds some families' parameters under other names than their checkpoints
+    carry (ViT's `layers.0.attention.q_proj` is the hub's `encoder.layer.0.attention.attention
+    .query`), and flaxauto names tensors as checkpoints do. The gradients are therefore renamed
+    (and, for a converter, re-laid-out) by transformers' own save-time conversion,
+    `revert_weight_conversion`, exactly as save_pretrained turns the weights into the files
+    flaxauto loaded."""
+    from transformers.core_model_loading import revert_weight_conversion
+
     model.zero_grad()
     loss = model(**to_torch(batch)).loss
     loss.backward()
-    names: dict[int, list[str]] = {}
-    params = {}
+    by_name = {}
     for name, p in model.named_parameters(remove_duplicate=False):
         if not p.requires_grad:  # frozen by torch (Whisper's encoder positions): flaxauto trains
             continue  # them, a documented difference, so there is nothing to compare
-        names.setdefault(id(p), []).append(name)
-        params[id(p)] = p
-    grads = {
-        tuple(names[key]): (torch.zeros_like(p) if p.grad is None else p.grad).numpy().copy()
-        for key, p in params.items()
+        # aliases of one tied parameter share one gradient tensor, which groups them below
+        by_name[name] = torch.zeros_like(p) if p.grad is None else p.grad
+    names: dict[int, list[str]] = {}
+    grads = {}
+    for name, grad in revert_weight_conversion(model, by_name).items():
+        names.setdefault(id(grad), []).append(name)
+        grads[id(grad)] = grad
+    return float(loss.detach()), {
+        tuple(names[key]): g.detach().numpy().copy() for key, g in grads.items()
     }
-    return float(loss.detach()), grads
 
 
 def flaxauto_gradients(model, batch) -> tuple[float, dict[str, np.ndarray]]:
@@ -79,19 +90,7 @@ def flaxauto_gradients(model, batch) -> tuple[float, dict[str, np.ndarray]]:
     return float(loss), named
 
 
-#: transformers 5 names these families' parameters in memory apart from their checkpoint names
-#: (vit.layers.0.attention.k_proj vs vit.encoder.layer.0.attention.attention.key), and the test
-#: maps gradients through the checkpoint names; mapping the family's renames is still to do.
-RENAMED_IN_MEMORY = {"vit", "deit", "beit", "videomae", "yolos"}  # yolos: tests/test_yolos.py
-CASES = [
-    pytest.param(
-        m,
-        t,
-        id=f"{m}-{t}",
-        marks=pytest.mark.xfail(m in RENAMED_IN_MEMORY, reason="renamed in memory", strict=True),
-    )  # fmt: skip
-    for m, t in LABELLED
-]
+CASES = [pytest.param(m, t, id=f"{m}-{t}") for m, t in LABELLED]
 
 
 @pytest.mark.parametrize("model_type,task", CASES)

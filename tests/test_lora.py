@@ -17,7 +17,7 @@ from flax import nnx
 
 import flaxauto
 from flaxauto.converters.layout import parameter_slots
-from flaxauto.lora import LoRALinear, lora_layers
+from flaxauto.lora import LoRAConv, LoRALinear, lora_layers
 from flaxauto.registry import TASK_AUTO_CLASSES
 from references import (
     LABEL_FACTORIES,
@@ -36,27 +36,23 @@ FAMILY_TASKS: dict[str, str] = {}
 for _model_type, _task in task_pairs():
     if _task in LABEL_FACTORIES and _model_type in TINY_CONFIGS:
         FAMILY_TASKS.setdefault(_model_type, _task)
-#: Families whose layers PEFT's target names here do not fit yet: convolutions (PEFT refuses
-#: ResNetConvLayer) and vision transformers renamed in memory by transformers 5.
-UNFITTED = {"beit", "deit", "regnet", "resnet", "vit"}
-FAMILIES = [
-    pytest.param(
-        m, marks=pytest.mark.xfail(m in UNFITTED, reason="targets to map", strict=True)
-    )  # fmt: skip
-    for m in sorted(FAMILY_TASKS)
-]
+FAMILIES = sorted(FAMILY_TASKS)
+#: the attention projections a PEFT user lists (query- and value-like), by family spelling;
+#: ViT, DeiT and BEiT's are transformers 5's in-memory q_proj / v_proj
+ATTENTION = ("query", "value", "q_lin", "v_lin", "c_attn", "q_proj", "v_proj")
 
 
 def _attention_targets(model) -> list[str]:
-    """The last names of the backbone's linear layers in attention (query/value-like), as a
-    PEFT user would list them; every linear in the backbone when none is found."""
-    from flaxauto.lora import _linear_names
+    """The last names of the backbone's attention projections (query/value-like), as a PEFT
+    user would list them; ResNet's and RegNet's convolutions ("convolution") where there is no
+    attention; else every linear layer (ConvNeXt's pointwise pwconv1 / pwconv2)."""
+    from flaxauto.lora import _adaptable_names
 
-    names = sorted({n.rsplit(".", 1)[-1] for n in _linear_names(model).values()})
-    picked = [
-        n for n in names if n in ("query", "value", "q_lin", "v_lin", "c_attn", "q_proj", "v_proj")
-    ]
-    return picked or names
+    names = sorted({n.rsplit(".", 1)[-1] for n in _adaptable_names(model).values()})
+    picked = [n for n in names if n in ATTENTION] or [n for n in names if n == "convolution"]
+    # not a bare index ("1" of a Sequential also ends a block's name, which PEFT then refuses)
+    # nor the depthwise dwconv (groups = channels, which the rank would have to divide)
+    return picked or [n for n in names if n != "dwconv" and not n.isdigit()]
 
 
 def _load(model_type, tmp_path):
@@ -95,8 +91,12 @@ def test_saved_adapters_load_into_peft_with_equal_outputs(model_type, tmp_path):
     before = model(**inputs)
     targets = _attention_targets(model)
     flaxauto.lora(model, r=4, alpha=8, target_modules=targets, dropout=0.1)
-    assert lora_layers(model) and all(
-        isinstance(m, LoRALinear) for m in lora_layers(model).values()
+    adapters = lora_layers(model)
+    kinds = {type(m): isinstance(m.base_module, nnx.Conv) for m in adapters.values()}
+    assert adapters and kinds in (
+        {LoRALinear: False},
+        {LoRAConv: True},
+        {LoRALinear: False, LoRAConv: True},
     )
     _assert_close(model_type, inputs, model(**inputs), before)  # B starts at zero
     _randomize_adapters(model)
@@ -124,8 +124,9 @@ def test_adapters_peft_saved_load_and_merge(model_type, tmp_path):
     task, reference, model, inputs = _load(model_type, tmp_path)
     targets = _attention_targets(model)
     torch.manual_seed(0)
+    # rank 4: a grouped convolution's (RegNet's, groups 2 and 4) must divide it, in PEFT too
     lora_config = peft.LoraConfig(
-        r=2, lora_alpha=6, target_modules=targets, init_lora_weights=False, use_rslora=True
+        r=4, lora_alpha=6, target_modules=targets, init_lora_weights=False, use_rslora=True
     )
     peft_model = peft.get_peft_model(reference, lora_config).eval()
     peft_model.save_pretrained(tmp_path / "peft")
@@ -136,6 +137,14 @@ def test_adapters_peft_saved_load_and_merge(model_type, tmp_path):
 
     with pytest.raises(ValueError, match="merge_lora"):
         model.save_pretrained(tmp_path / "refused")
+    grouped = [n for n, m in lora_layers(model).items() if getattr(m, "groups", 1) > 1]
+    if grouped:  # PEFT merges no grouped convolution's adapter either
+        with pytest.raises(NotImplementedError, match="groups"):
+            peft_model.merge_and_unload()
+        with pytest.raises(NotImplementedError, match="groups"):
+            flaxauto.merge_lora(model)
+        assert set(lora_layers(model)) == set(peft_model.base_model.targeted_module_names)
+        return
     flaxauto.merge_lora(model)
     assert not lora_layers(model)
     _assert_close(model_type, inputs, model(**inputs), expected)
@@ -208,3 +217,19 @@ def test_modules_to_save_round_trip_through_peft(tmp_path):
     flaxauto.load_lora(fresh, tmp_path / "adapter")
     _assert_close("bert", inputs, fresh(**inputs), model(**inputs))
     assert jnp.array_equal(parameter_slots(fresh)["classifier.weight"].variable[...], head[...])
+
+
+def test_convolutions_peft_cannot_adapt_are_refused():
+    """PEFT's lora_A takes no dilation, and a grouped convolution's rank must divide by its
+    groups (PEFT raises the same ValueError): both refused when the adapter is made."""
+    from flaxauto.lora import LoRAConv
+
+    rngs = nnx.Rngs(0)
+    dilated = nnx.Conv(4, 4, (3, 3), kernel_dilation=(2, 2), rngs=rngs)
+    with pytest.raises(NotImplementedError, match="dilat"):
+        LoRAConv(dilated, 2, 1.0, 0.0, "conv", rngs)
+    grouped = nnx.Conv(4, 8, (3, 3), feature_group_count=4, rngs=rngs)
+    with pytest.raises(ValueError, match="divisible"):
+        LoRAConv(grouped, 2, 1.0, 0.0, "conv", rngs)
+    adapter = LoRAConv(grouped, 4, 1.0, 0.0, "conv", rngs)
+    assert adapter.lora_a.shape == (3, 3, 4, 4) and adapter.lora_b.shape == (1, 1, 1, 8)

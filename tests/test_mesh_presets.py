@@ -6,6 +6,8 @@ device's tokens. `replicate` (for jax.pmap) places one copy per device."""
 
 from __future__ import annotations
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -200,3 +202,38 @@ def test_replicate_places_one_copy_per_device():
             np.testing.assert_array_equal(np.asarray(shard.data[0]), np.asarray(tree[name]))
     out = jax.pmap(lambda t: t["w"].sum() + t["b"].sum())(replicated)
     np.testing.assert_allclose(np.asarray(out), np.full(len(devices), 66.0 + 5.0))
+
+
+_TRANSFER = re.compile(r"(host|device)-to-device transfer: aval=ShapedArray\((\w+)\[([\d,]*)\]\)")
+
+
+def _transfers(log: str) -> list[tuple[int, ...]]:
+    """The shapes of the arrays JAX's transfer guard logged as moved onto a device."""
+    return [tuple(int(d) for d in dims.split(",") if d) for _, _, dims in _TRANSFER.findall(log)]
+
+
+def test_replicate_never_builds_the_copies_on_one_device(capfd):
+    """What moves onto the devices, as JAX's transfer guard logs every explicit transfer: one
+    [1, ...] copy into each device (and the value itself once), never an array holding the N
+    copies, which would have been materialised whole on one device first. The observable is
+    checked against the naive way (stack, then place) in the same test, so it can fail."""
+    devices = jax.local_devices()
+    n = len(devices)
+    leaf = np.arange(15, dtype=np.float32).reshape(3, 5)
+    capfd.readouterr()
+    with jax.transfer_guard("log_explicit"):
+        replicated = flaxauto.replicate({"w": leaf})
+        jax.block_until_ready(replicated)
+    moved = _transfers(capfd.readouterr().err)
+    assert moved, "the transfer guard logged nothing: the observable is gone"
+    assert all(shape in ((1, 3, 5), (3, 5)) for shape in moved), moved
+    assert moved.count((1, 3, 5)) >= n - 1  # every device but the source receives one copy
+    assert {s.device for s in replicated["w"].addressable_shards} == set(devices)
+
+    sharding = jax.sharding.NamedSharding(
+        jax.sharding.Mesh(np.asarray(devices), ("devices",)), jax.sharding.PartitionSpec("devices")
+    )
+    with jax.transfer_guard("log_explicit"):
+        naive = jax.device_put(jnp.stack([jnp.asarray(leaf)] * n), sharding)
+        jax.block_until_ready(naive)
+    assert (n, 3, 5) in _transfers(capfd.readouterr().err)  # the naive way is seen

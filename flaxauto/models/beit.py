@@ -32,6 +32,7 @@ from flaxauto.models.vit import (
     interpolate_positions,
     patch_grid,
     resize_grid,
+    torch_name,
 )
 from flaxauto.outputs import BaseModelOutput
 from flaxauto.registry import HeadSpec, register
@@ -270,6 +271,15 @@ def beit_hub_name(key: str) -> str:
     )
 
 
+def beit_torch_name(name: str) -> str:
+    """beit_hub_name's inverse: the hub's names -> transformers 5's in-memory ones."""
+    tables = (
+        (r"(^|\.)encoder\.relative_position_bias\.", r"\1shared_position_bias."),
+        (r"\.attention\.attention\.relative_position_bias\.", ".relative_position_bias."),
+    )
+    return torch_name(name, tables)
+
+
 register(
     model_types=("beit",),
     backbone=BeitModel,
@@ -277,6 +287,7 @@ register(
     main_input_name="pixel_values",
     optional_modules=("pooler",),
     renames=beit_hub_name,
+    torch_names=beit_torch_name,
     ignored=("relative_position_index",),
     config_attributes=(
         *CONFIG_ATTRIBUTES,

@@ -19,6 +19,7 @@ from flaxauto.models.vit import (
     ViTEmbeddings,
     ViTModel,
     hub_name,
+    torch_name,
 )
 from flaxauto.registry import HeadSpec, register
 
@@ -48,6 +49,7 @@ register(
     main_input_name="pixel_values",
     optional_modules=("pooler",),
     renames=hub_name,
+    torch_names=torch_name,
     config_attributes=(*CONFIG_ATTRIBUTES, "qkv_bias", "pooler_output_size", "pooler_act"),
     heads={
         "base": HeadSpec(None),

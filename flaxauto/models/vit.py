@@ -69,6 +69,27 @@ _HUB_NAMES = (  # (transformers 5 in-memory spelling, the hub's), applied in ord
 )
 
 
+#: (the hub's spelling, transformers 5's in-memory one): _HUB_NAMES backwards, inner names first
+_TORCH_NAMES = (
+    (r"\.attention\.attention\.query\.", ".attention.q_proj."),
+    (r"\.attention\.attention\.key\.", ".attention.k_proj."),
+    (r"\.attention\.attention\.value\.", ".attention.v_proj."),
+    (r"\.attention\.output\.dense\.", ".attention.o_proj."),
+    (r"\.intermediate\.dense\.", ".mlp.fc1."),
+    (r"\.output\.dense\.", ".mlp.fc2."),
+    (r"(^|\.)encoder\.layer\.(\d+)\.", r"\1layers.\2."),
+)
+
+
+def torch_name(name: str, extra: tuple[tuple[str, str], ...] = ()) -> str:
+    """A hub name (a tensor's, or a module's) -> transformers 5's in-memory spelling, which
+    PEFT's target_modules and adapter files use; hub_name's inverse."""
+    name += "."  # a module name ends where its tensors' names go on
+    for pattern, replacement in (*extra, *_TORCH_NAMES):
+        name = re.sub(pattern, replacement, name)
+    return name[:-1]
+
+
 def hub_name(key: str, extra: tuple[tuple[str, str], ...] = ()) -> str:
     """A checkpoint key in transformers 5's in-memory spelling -> the hub spelling flaxauto's
     modules carry (keys already in hub spelling pass unchanged)."""
@@ -412,6 +433,7 @@ register(
     main_input_name="pixel_values",
     optional_modules=("pooler",),
     renames=hub_name,
+    torch_names=torch_name,
     config_attributes=(*CONFIG_ATTRIBUTES, "qkv_bias", "pooler_output_size", "pooler_act"),
     heads={"base": HeadSpec(None), "image-classification": CLS_CLASSIFIER},
 )
