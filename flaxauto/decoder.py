@@ -337,9 +337,15 @@ class DecoderStep:
             )
         keys, values = project(self.encoder_hidden_states)
         if layer_cache is not None:
-            layer_cache = layer_cache.replace(
-                cross_keys=_heads_first(keys), cross_values=_heads_first(values)
+            # The barrier pins the transpose to this forward. Without it, XLA's while-loop
+            # sinking moves the (loop-invariant, "fusible") transpose into a decoding loop's
+            # body, which then re-lays the whole cross cache on every step (measured: a copy
+            # of every layer's [B, S_enc, K, D] keys and values per Whisper token).
+            cross_keys, cross_values = jax.lax.optimization_barrier(
+                (_heads_first(keys), _heads_first(values))
             )
+            layer_cache = layer_cache.replace(cross_keys=cross_keys, cross_values=cross_values)
+            keys, values = _heads_first(cross_keys), _heads_first(cross_values)
         return keys, values, layer_cache
 
     def _write(self, buffer: Array, new: Array) -> Array:
