@@ -153,18 +153,19 @@ class AutomaticSpeechRecognitionPipeline(Pipeline):
         copies of its first row to batch_size, so every batch reuses one compiled program."""
         features = [e["input_features"] for e in examples]
         features += [features[0]] * (self.batch_size - len(features))
-        generate_kwargs = self._whisper_lengths(generate_kwargs, len(features))
+        generate_kwargs, prompt = self._whisper_lengths(generate_kwargs, len(features))
         sequences = self.model.generate(
             None, input_features=np.stack(features), key=key, **generate_kwargs
         )  # [batch_size, prompt + new]
-        return [{"tokens": np.asarray(row)} for row in sequences[: len(examples)]]
+        # transformers' Whisper returns the continuation alone; flaxauto's the prompt too
+        return [{"tokens": np.asarray(row[prompt:])} for row in sequences[: len(examples)]]
 
-    def _whisper_lengths(self, generate_kwargs: dict, batch: int) -> dict:
+    def _whisper_lengths(self, generate_kwargs: dict, batch: int) -> tuple[dict, int]:
         """transformers' Whisper counts a max_length without max_new_tokens from after its
         decoder prompt (up to max_target_positions // 2 - 1 prompt tokens), and cuts
         max_new_tokens to what the position table leaves; flaxauto's generate counts the
         prompt in max_length as for every encoder-decoder, so the lengths are given to it
-        that way."""
+        that way. Returns the settings and the prompt's length."""
         from flaxauto.generation.settings import resolve_generation_config
 
         options = set(getattr(self.model.head, "generation_options", ()))
@@ -176,10 +177,12 @@ class AutomaticSpeechRecognitionPipeline(Pipeline):
         limit = self.config.max_target_positions
         if config.max_new_tokens is None and config.max_length is not None:
             initial = min(limit // 2 - 1, prompt)
-            return generate_kwargs | {"max_length": min(config.max_length + initial, limit)}
-        if config.max_new_tokens is not None and config.max_new_tokens + prompt > limit:
-            return generate_kwargs | {"max_new_tokens": limit - prompt}
-        return generate_kwargs
+            lengths = {"max_length": min(config.max_length + initial, limit)}
+        elif config.max_new_tokens is not None and config.max_new_tokens + prompt > limit:
+            lengths = {"max_new_tokens": limit - prompt}
+        else:
+            lengths = {}
+        return generate_kwargs | lengths, prompt
 
     def postprocess(self, item, outputs, **params):
         output = outputs[0]
@@ -191,14 +194,12 @@ class AutomaticSpeechRecognitionPipeline(Pipeline):
         return {"text": self.tokenizer.decode(tokens, skip_special_tokens=False)}
 
     def _whisper_text(self, tokens: np.ndarray) -> str:
-        """The text of Whisper's tokens as transformers' pipeline decodes them. flaxauto's
-        generate returns the decoder prompt (start, language, task, no-timestamps) before the
-        continuation: special tokens, which the decoding skips as it skips them in the
-        continuation. A row that finished before the batch did is cut at its first eos."""
+        """The text of Whisper's new tokens as transformers' pipeline decodes them. A row that
+        finished before the rest of its batch is cut at its first eos (alone, as transformers
+        runs it, it would have stopped there)."""
         eos = self.model.generation_config.eos_token_id
         eos = {eos} if isinstance(eos, int) else set(eos or ())
-        start = 1  # the start token may equal the eos
-        ends = [i for i in range(start, len(tokens)) if int(tokens[i]) in eos]
+        ends = [i for i, token in enumerate(tokens) if int(token) in eos]
         tokens = tokens[: ends[0] + 1] if ends else tokens
         text, _ = self.tokenizer._decode_asr(
             [{"tokens": tokens[None]}],
