@@ -82,7 +82,9 @@ def flaxauto_gradients(model, batch) -> tuple[float, dict[str, np.ndarray]]:
 #: transformers 5 names these families' parameters in memory apart from their checkpoint names
 #: (vit.layers.0.attention.k_proj vs vit.encoder.layer.0.attention.attention.key), and the test
 #: maps gradients through the checkpoint names; mapping the family's renames is still to do.
-RENAMED_IN_MEMORY = {"vit", "deit", "beit", "videomae"}
+#: (DETR: `o_proj` / `mlp.fc1` in memory, `out_proj` / `fc1` on the hub; its loss and every
+#: gradient are compared by hub names in tests/test_detr.py)
+RENAMED_IN_MEMORY = {"vit", "deit", "beit", "videomae", "detr"}
 CASES = [
     pytest.param(
         m,
