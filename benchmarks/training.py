@@ -9,7 +9,10 @@ allocates beyond its inputs and outputs (activations kept for the backward pass,
 peak adds the arguments and outputs not aliased to them. The step time is measured too: remat
 recomputes each layer's forward in the backward pass.
 
-    python benchmarks/training.py [--quick]
+    python benchmarks/training.py [--quick] [--layers N]
+
+--quick runs the throughput rows alone, at full size (12 layers, 8 x 128), one timed step
+each after one warm-up step; --layers shrinks both models for a smoke run.
 """
 
 from __future__ import annotations
@@ -97,16 +100,19 @@ def measure(case: str, remat: bool, scan: bool, repeats: int) -> dict:
 
 
 def main(argv=None) -> list[dict]:
-    args = common.parser(__doc__.splitlines()[0]).parse_args(argv)
+    p = common.parser(__doc__.splitlines()[0])
+    p.add_argument("--layers", type=int, default=LAYERS, help="layers of both models")
+    args = p.parse_args(argv)
     rows = []
+    if not args.quick:
+        for case in CASES:
+            # the GPT-2 rows: memory only (no weights, no step run)
+            repeats = 0 if "GPT-2" in case else 3
+            rows += [compare(case, scan, repeats) for scan in (False, True)]
+    # throughput beside torch eager AdamW, full size; --quick: one timed step each
+    repeats = 1 if args.quick else 3
     for case in CASES:
-        # --quick, and the GPT-2 rows: memory only (no weights, no step run)
-        repeats = 0 if args.quick or "GPT-2" in case else 3
-        rows += [compare(case, scan, repeats) for scan in (False, True)]
-    # throughput beside torch eager AdamW; --quick: 2 layers, one timed step each
-    layers, repeats = (2, 1) if args.quick else (LAYERS, 3)
-    for case in CASES:
-        rows += [throughput(case, bf16, layers, repeats) for bf16 in (False, True)]
+        rows += [throughput(case, bf16, args.layers, repeats) for bf16 in (False, True)]
     return rows
 
 
@@ -167,13 +173,14 @@ def throughput(case: str, bf16: bool, layers: int, repeats: int) -> dict:
 
     seconds = common.interleaved({"ours": ours, "theirs": theirs}, repeats, warmup=1)
     per_second = {name: BATCH / t for name, t in seconds.items()}
+    print(f"{case} bf16={bf16}: {per_second}", flush=True)  # progress of a long run
     precision = "bf16 compute, fp32 weights" if bf16 else "fp32"
     name = case.replace(f"{LAYERS} layers", f"{layers} layers")
     return common.row(
         "training",
         f"{name} {BATCH}x{LENGTH} AdamW step, {precision}: samples/s",
-        f"{per_second['ours']:.1f}/s",
-        f"torch eager AdamW {per_second['theirs']:.1f}/s",
+        f"{per_second['ours']:.3g}/s",
+        f"torch eager AdamW {per_second['theirs']:.3g}/s",
         per_second["ours"] / per_second["theirs"],
         note="throughput ratio (higher is better for flaxauto); medians of interleaved steps",
     )

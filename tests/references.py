@@ -221,6 +221,17 @@ BATCH, CHOICES, LENGTH = 4, 2, 9
 DECODER_LENGTH = 7
 SAMPLES = 1024  # waveform length: 14 frames out of the tiny wav2vec2 feature encoder
 CTC_TARGETS = 5  # label length for CTC: fits the 6 frames of the shortest waveform (512 samples)
+#: XLA:CPU options for a test's one-off programs (a gradient, a sharded forward): LLVM without
+#: its optimisation passes compiles them about 3x faster; the numbers are the same program's
+#: (float32 rounding apart, ~1e-7 on tiny models), so no tolerance moves
+FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+
+
+def run_compiled(fn, *args):
+    """fn(*args) under jax.jit, compiled once with FAST_COMPILE."""
+    import jax
+
+    return jax.jit(fn).lower(*args).compile(FAST_COMPILE)(*args)
 
 
 def tiny_config(model_type: str, task: str = "base", **overrides):

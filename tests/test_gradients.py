@@ -21,6 +21,7 @@ from flaxauto.converters.layout import parameter_slots
 from references import (
     LABEL_FACTORIES,
     max_diff,
+    run_compiled,
     task_inputs,
     task_labels,
     task_pairs,
@@ -70,14 +71,14 @@ def torch_gradients(model, batch) -> tuple[float, dict[tuple[str, ...], np.ndarr
 
 
 def flaxauto_gradients(model, batch) -> tuple[float, dict[str, np.ndarray]]:
-    """flaxauto's loss and gradients (one jitted value_and_grad over the split parameters),
+    """flaxauto's loss and gradients (one compiled value_and_grad over the split parameters),
     by transformers' names and in transformers' layouts."""
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
 
     def loss_fn(params, rest, batch):
         return nnx.merge(graphdef, params, rest, copy=True)(**batch).loss
 
-    loss, grads = jax.jit(jax.value_and_grad(loss_fn))(params, rest, batch)
+    loss, grads = run_compiled(jax.value_and_grad(loss_fn), params, rest, batch)
     # the gradients take the parameters' places in a copy of the model, so the converters'
     # table names them (and unstacks scanned layers, transposes kernels) as it names weights
     shadow = nnx.merge(graphdef, grads, rest, copy=True)

@@ -21,6 +21,7 @@ from references import (
     LABEL_FACTORIES,
     TINY_CONFIGS,
     output_diff,
+    run_compiled,
     task_inputs,
     task_labels,
     task_pairs,
@@ -64,6 +65,23 @@ def checkpoints(tmp_path_factory):
     return get
 
 
+@pytest.fixture(scope="module")
+def one_device(checkpoints):
+    """model_type -> (inputs, batch with labels, the unsharded model's output): computed once
+    per family, not once per preset (every preset compares with the same numbers)."""
+    made = {}
+
+    def get(model_type):
+        if model_type not in made:
+            task, _, single = checkpoints(model_type)
+            inputs = task_inputs(model_type, task, seed=2, config=single.config, batch=BATCH)
+            batch = {**inputs, **task_labels(single, task, inputs, seed=2)}
+            made[model_type] = (inputs, batch, single(**batch))
+        return made[model_type]
+
+    return get
+
+
 def per_device_parameter_bytes(model) -> dict:
     """Bytes of parameters each device holds (its shards, replicas included)."""
     held: dict = {}
@@ -74,16 +92,13 @@ def per_device_parameter_bytes(model) -> dict:
 
 
 @pytest.mark.parametrize("model_type,preset", CASES, ids=[f"{m}-{p}" for m, p in CASES])
-def test_preset_matches_one_device(model_type, preset, checkpoints):
+def test_preset_matches_one_device(model_type, preset, checkpoints, one_device):
     task, directory, single = checkpoints(model_type)
+    inputs, batch, expected = one_device(model_type)
     mesh = _mesh(preset)
     sharded = _auto_class(task).from_pretrained(directory, mesh=mesh, rules=preset)
-    config = single.config
-    inputs = task_inputs(model_type, task, seed=2, config=config, batch=BATCH)
-    batch = {**inputs, **task_labels(single, task, inputs, seed=2)}
-    expected = single(**batch)
-    output = jax.jit(lambda model, batch: model(**batch))(
-        sharded, flaxauto.shard_batch(batch, mesh)
+    output = run_compiled(
+        lambda model, batch: model(**batch), sharded, flaxauto.shard_batch(batch, mesh)
     )
     fields = [
         f
