@@ -29,6 +29,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from flaxauto import layers
+
 # --- boxes --------------------------------------------------------------------------------------
 
 
@@ -174,9 +176,15 @@ def hungarian_match(logits, pred_boxes, targets: Targets, config):
     if config.class_cost == 0 and config.bbox_cost == 0 and config.giou_cost == 0:
         raise ValueError("All costs of the Matcher can't be 0")
     cost = jax.lax.stop_gradient(matching_cost(logits, pred_boxes, targets, config))
+    # under a mesh: whole (replicated) arrays in and out of the host callback, which runs once
+    cost = layers.constrain(cost, (None, None, None))
+    valid = layers.constrain(targets.valid, (None, None))
     shape = targets.valid.shape
     result = (jax.ShapeDtypeStruct(shape, jnp.int32), jax.ShapeDtypeStruct(shape, jnp.bool_))
-    return jax.pure_callback(_assign_on_host, result, cost, targets.valid, vmap_method="sequential")
+    query, matched = jax.pure_callback(
+        _assign_on_host, result, cost, valid, vmap_method="sequential"
+    )
+    return layers.constrain(query, (None, None)), layers.constrain(matched, (None, None))
 
 
 # --- losses -------------------------------------------------------------------------------------

@@ -117,10 +117,11 @@ def test_padded_labels_give_the_same_loss_in_one_program():
 
 
 def test_more_targets_than_queries_and_no_targets_at_all():
+    # jitted: eager value_and_grad dispatches (and compiles) op by op, seconds per case
     logits, pred_boxes, labels = random_case(3, [4, 2], queries=3)
-    check_against_torch(logits, pred_boxes, labels, loss_config())
+    check_against_torch(logits, pred_boxes, labels, loss_config(), jit=True)
     logits, pred_boxes, labels = random_case(4, [0, 0], queries=3)
-    check_against_torch(logits, pred_boxes, labels, loss_config())
+    check_against_torch(logits, pred_boxes, labels, loss_config(), jit=True)
 
 
 def test_auxiliary_outputs_are_matched_and_weighted_as_transformers():
