@@ -180,8 +180,7 @@ class LoRAConv(nnx.LoRA):
         self.groups = groups
 
     def _convolve(self, x, kernel, strides, padding, groups):
-        n = kernel.ndim - 2
-        spatial = "".join("DHW"[-n:]) if n <= 3 else None
+        spatial = "DHW"[-(kernel.ndim - 2) :]  # torch's Conv1d, 2d, 3d: W, HW, DHW
         return jax.lax.conv_general_dilated(
             x,
             kernel,
@@ -304,9 +303,9 @@ def lora(
     seed: int = 0,
 ):
     """Wrap the linear and convolution layers named by target_modules in LoRA adapters (in
-    place); returns the model. Scaling is PEFT's alpha / r (alpha / sqrt(r) with use_rslora; alpha defaults to r).
-    lora_A starts as PEFT's (uniform in +-1/sqrt(in)) and lora_B at zero, so the model's
-    outputs do not change until it trains."""
+    place); returns the model. Scaling is PEFT's alpha / r (alpha / sqrt(r) with use_rslora;
+    alpha defaults to r). lora_A starts as PEFT's (uniform in +-1/sqrt(fan in)) and lora_B at
+    zero, so the model's outputs do not change until it trains."""
     if r <= 0:
         raise ValueError(f"LoRA rank r must be positive, got {r}")
     if lora_layers(model):
