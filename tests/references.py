@@ -257,9 +257,10 @@ def torch_model(model_type: str, task: str, seed: int = 0, **overrides):
 
 
 #: Families whose tokens and position tables transformers initialises to zeros (YOLOS: [CLS],
-#: detection tokens, initial and mid positions): with them all zero, every detection token
+#: detection tokens, initial and mid positions; DeiT: [CLS], distillation token, positions;
+#: BEiT: [CLS] and the relative position bias tables): with them all zero, every such token
 #: would give the same output and the positions would go untested.
-ZERO_TABLES = {"yolos"}
+ZERO_TABLES = {"yolos", "deit", "beit"}
 
 
 def _randomize_zero_initialised(model, every_zero: bool = False) -> None:
