@@ -309,6 +309,31 @@ def encoder_note(mode, flops, times, attention, error, cudnn, peak) -> str:
     )
 
 
+def attention_rows(device, case, mode, flops, forwards, run_torch, ceilings, repeats, missing):
+    """One row per compiled flaxauto forward (eager, fused) beside PyTorch's, timed in turns;
+    plus a row saying why the fused program is missing, where it is."""
+    autocast = ENCODER_MODES[mode][3]
+    expected = run_torch().float().cpu().numpy()
+    fns = {attention: forward[0] for attention, forward in forwards.items()}
+    times = common.interleaved({**fns, "torch": run_torch}, repeats)
+    peak = ceilings.rates[MODE_ARITHMETIC[mode]]
+    rows = []
+    for attention, (_, output, cudnn) in forwards.items():
+        error = float(np.max(np.abs(output - expected)))
+        rows.append(row(
+            device, f"{case}, {mode}, flaxauto {attention} attention",
+            utilisation(flops, times[attention], peak),
+            f"torch sdpa{' autocast' if autocast else ''} "
+            f"{utilisation(flops, times['torch'], peak)}",
+            times[attention] / times["torch"],
+            encoder_note(mode, flops, times, attention, error, cudnn, peak),
+        ))  # fmt: skip
+    if missing:
+        rows.append(row(device, f"{case}, {mode}, flaxauto fused attention", "", "",
+                        note=missing))  # fmt: skip
+    return rows
+
+
 def encoder_rows(sizes, device, ceilings, repeats, budget: Budget) -> list[dict]:
     import jax.numpy as jnp
     import torch
@@ -343,24 +368,10 @@ def encoder_rows(sizes, device, ceilings, repeats, budget: Budget) -> list[dict]
             run_torch = torch_encoder_forward(
                 reference, torch_ids, torch_mask, device, torch_precision, autocast
             )
-            expected = run_torch().float().cpu().numpy()
-            fns = {attention: forward[0] for attention, forward in forwards.items()}
-            times = common.interleaved({**fns, "torch": run_torch}, repeats)
-            peak = ceilings.rates[MODE_ARITHMETIC[mode]]
-            for attention, (_, output, cudnn) in forwards.items():
-                error = float(np.max(np.abs(output - expected)))
-                rows.append(row(
-                    device, f"{case}, {mode}, flaxauto {attention} attention",
-                    utilisation(flops, times[attention], peak),
-                    f"torch sdpa{' autocast' if autocast else ''} "
-                    f"{utilisation(flops, times['torch'], peak)}",
-                    times[attention] / times["torch"],
-                    encoder_note(mode, flops, times, attention, error, cudnn, peak),
-                ))  # fmt: skip
-            if missing:
-                rows.append(row(device, f"{case}, {mode}, flaxauto fused attention", "", "",
-                                note=missing))  # fmt: skip
-            del forwards, fns, lowered
+            rows += attention_rows(
+                device, case, mode, flops, forwards, run_torch, ceilings, repeats, missing
+            )
+            del forwards, lowered
     return rows
 
 
@@ -411,24 +422,10 @@ def vision_rows(sizes, device, ceilings, repeats, budget: Budget) -> list[dict]:
                 device.synchronize()
                 return output
 
-            expected = run_torch().float().cpu().numpy()
-            fns = {attention: forward[0] for attention, forward in forwards.items()}
-            times = common.interleaved({**fns, "torch": run_torch}, repeats)
-            peak = ceilings.rates[MODE_ARITHMETIC[mode]]
-            for attention, (_, output, cudnn) in forwards.items():
-                error = float(np.max(np.abs(output - expected)))
-                rows.append(row(
-                    device, f"{case}, {mode}, flaxauto {attention} attention",
-                    utilisation(flops, times[attention], peak),
-                    f"torch sdpa{' autocast' if autocast else ''} "
-                    f"{utilisation(flops, times['torch'], peak)}",
-                    times[attention] / times["torch"],
-                    encoder_note(mode, flops, times, attention, error, cudnn, peak),
-                ))  # fmt: skip
-            if missing:
-                rows.append(row(device, f"{case}, {mode}, flaxauto fused attention", "", "",
-                                note=missing))  # fmt: skip
-            del forwards, fns, lowered
+            rows += attention_rows(
+                device, case, mode, flops, forwards, run_torch, ceilings, repeats, missing
+            )
+            del forwards, lowered
     return rows
 
 
