@@ -5,49 +5,12 @@ set-prediction loss, auxiliary losses over the intermediate decoder layers inclu
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import jax
-from flax import nnx
 
 from flaxauto import layers, outputs
 from flaxauto.heads.base import Head
+from flaxauto.heads.detection import LossSettings, MLPPredictionHead
 from flaxauto.heads.detection_losses import detection_loss
-
-
-class BoxPredictor(nnx.Module):
-    """transformers' DetrMLPPredictionHead: Linear -> ReLU, repeated, then Linear (`layers.i`)."""
-
-    def __init__(self, width: int, out: int, num_layers: int, precision, rngs):
-        sizes = [width] * num_layers + [out]
-        self.layers = nnx.List([
-            layers.linear(sizes[i], sizes[i + 1], ("embed", "mlp" if i + 1 < num_layers else None),
-                          precision, rngs)
-            for i in range(num_layers)
-        ])  # fmt: skip
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        for index, layer in enumerate(self.layers):
-            x = layer(x)
-            if index < len(self.layers) - 1:
-                x = jax.nn.relu(x)
-        return x
-
-
-class LossSettings(NamedTuple):
-    """The config values the detection loss reads (hashable: a static part of the module)."""
-
-    num_labels: int
-    class_cost: float
-    bbox_cost: float
-    giou_cost: float
-    eos_coefficient: float
-    bbox_loss_coefficient: float
-    giou_loss_coefficient: float
-
-    @classmethod
-    def of(cls, config) -> LossSettings:
-        return cls(*(getattr(config, name) for name in cls._fields))
 
 
 class DetrDetectionHead(Head):
@@ -56,11 +19,11 @@ class DetrDetectionHead(Head):
 
     def __init__(self, config, precision, rngs):
         d = config.d_model
-        self.loss_settings = LossSettings.of(config)
+        self.loss_settings = LossSettings.from_config(config)
         self.class_labels_classifier = layers.linear(
             d, config.num_labels + 1, ("embed", None), precision, rngs
         )
-        self.bbox_predictor = BoxPredictor(d, 4, 3, precision, rngs)
+        self.bbox_predictor = MLPPredictionHead(d, d, 4, 3, precision, rngs)
         self.auxiliary = bool(config.auxiliary_loss)
 
     def predict(self, hidden: jax.Array) -> tuple[jax.Array, jax.Array]:

@@ -60,6 +60,8 @@ UNIMPLEMENTED = {
     "umt5": {"is_decoder": True},
     # Deformable DETR's two-stage proposals, absent from DETR's config
     "detr": {"two_stage": True},
+    # ViT's masked-image-modeling token: YOLOS has none
+    "yolos": {"use_mask_token": True},
 }
 
 #: Settings hub configs carry that change no number.
