@@ -3,11 +3,14 @@ heads that transformers initialises (seeded) where the checkpoint has none, save
 tokenizer; flaxauto's pipeline and transformers' pipeline read that same directory and must
 answer alike (labels, tokens and words identical, scores within 1e-4).
 
-question-answering is not here: transformers 5 has no question-answering pipeline, and its
-transformers 4 fixtures (tests/fixtures/make_pipeline_fixtures.py) would have to carry a 90 MB
-MiniLM checkpoint; tests/test_pipelines_tf4.py covers it on a tiny model with this tokenizer."""
+question-answering, which transformers 5 removed, is compared with transformers 4.46.3's answers
+on MiniLM with a seeded span head (tests/fixtures/qa-minilm/: the head's weights and the answers;
+tests/fixtures/make_pipeline_fixtures.py made them from this same checkpoint)."""
 
 from __future__ import annotations
+
+import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -75,3 +78,34 @@ def test_fill_mask_matches_transformers(tmp_path):
     texts = ["The capital of France is [MASK].", "A [MASK] fox jumps over the [MASK] dog."]
     for params in ({}, {"top_k": 3}, {"targets": ["paris", "london", "dog"]}):
         assert_same_answers(ours(texts, **params), theirs(texts, **params))
+
+
+MINILM_QA = Path(__file__).parent / "fixtures" / "qa-minilm"
+
+
+@pytest.fixture(scope="module")
+def minilm_qa(tmp_path_factory):
+    """MiniLM's encoder with the fixture's span head, saved with the tokenizer (transformers 5
+    loads the encoder; the head's tensors are those transformers 4 answered with)."""
+    from safetensors.torch import load_file
+
+    root = tmp_path_factory.mktemp("minilm-qa")
+    model = transformers.BertForQuestionAnswering.from_pretrained(MINILM)
+    missing, unexpected = model.load_state_dict(
+        load_file(MINILM_QA / "qa_head.safetensors"), strict=False
+    )
+    assert not unexpected and not [k for k in missing if k.startswith("qa_outputs")]
+    model.save_pretrained(root)
+    transformers.AutoTokenizer.from_pretrained(MINILM).save_pretrained(root)
+    return flaxauto.pipeline("question-answering", model=str(root), batch_size=3)
+
+
+@pytest.mark.parametrize(
+    "case",
+    json.loads((MINILM_QA / "answers.json").read_text())["cases"],
+    ids=lambda case: json.dumps(case["params"]),
+)
+def test_question_answering_matches_transformers_4(minilm_qa, case):
+    from test_pipelines_tf4 import assert_same_answers as assert_same_spans
+
+    assert_same_spans(minilm_qa(**case["inputs"], **case["params"]), case["answers"])
