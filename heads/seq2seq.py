@@ -23,6 +23,7 @@ from flaxauto.decoding import DecodingHead, DecodingState
 from flaxauto.heads import losses
 from flaxauto.heads.base import Head
 from flaxauto.heads.classification import QuestionAnsweringHead, SequenceClassificationHead
+from flaxauto.heads.language_modeling import tied_step_logits
 
 Array = jax.Array
 
@@ -169,7 +170,12 @@ class Seq2SeqLMHead(Head, DecodingHead):
         """[..., E] -> [..., V]."""
         if self.output_scale is not None:
             hidden = hidden * jnp.asarray(self.output_scale, hidden.dtype)
-        logits = _decoder_table(backbone).attend(hidden) if self.tied else self.lm_head(hidden)
+        if not self.tied:
+            logits = self.lm_head(hidden)
+        elif hidden.ndim == 2:  # a decoding step's rows [B, E]
+            logits = tied_step_logits(_decoder_table(backbone), hidden)
+        else:
+            logits = _decoder_table(backbone).attend(hidden)
         if self.final_logits_bias is not None:
             bias = self.final_logits_bias[...].astype(logits.dtype)  # [1, V]
             logits = logits + bias.reshape((1,) * (logits.ndim - 1) + bias.shape[-1:])

@@ -13,7 +13,6 @@ the shared encoder-decoder head, and AutoModelForAudioClassification
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
@@ -309,18 +308,6 @@ class WhisperSeq2SeqHead(Seq2SeqLMHead):
         if len({len(row) for row in rows}) != 1:
             raise ValueError(f"Whisper's decoder prompts differ in length: {rows}")
         return np.asarray(rows, np.int32)
-
-    def logits(self, hidden, backbone):
-        """[..., E] -> [..., V]. A decoding step's rows [B, E] contract the tied token table
-        [V, E] as the left operand over its contiguous axis (the step is bound by reading that
-        table, 80 MB at Whisper's vocabulary): `attend`'s hidden @ table.T made XLA:CPU loop
-        over a transposed view of the table instead of calling its matrix kernel."""
-        table = backbone.get_decoder_input_embeddings().embedding
-        plain = self.output_scale is None and self.final_logits_bias is None
-        fp32 = hidden.dtype == table.dtype == jnp.float32
-        if not (self.tied and plain and fp32 and hidden.ndim == 2):
-            return super().logits(hidden, backbone)
-        return jax.lax.dot_general(table[...], hidden, (((1,), (1,)), ((), ()))).T  # [B, V]
 
     def start(self, backbone, prompt_ids, prompt_mask, *, cache, **encoder_inputs):
         features = encoder_inputs.get("input_features")
