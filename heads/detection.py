@@ -56,33 +56,22 @@ class LossSettings:
 class ObjectDetectionHead(Head):
     """*ForObjectDetection: `class_labels_classifier` (num_labels + 1 logits, the last being "no
     object") and `bbox_predictor` (a 3-layer MLP, sigmoid: normalised cx, cy, w, h) on each query
-    token; with `labels`, transformers' detection loss.
+    token, the last `num_detection_tokens` of the backbone's sequence (YOLOS; DETR's decoder
+    queries have their own head, heads/query_detection.py); with `labels`, transformers'
+    detection loss."""
 
-    query_tokens: the last `num_detection_tokens` of the backbone's sequence (YOLOS) or "all"
-    (a decoder's queries); class_layers: 3 (YOLOS' MLP) or 1 (DETR's Linear, a 1-layer MLP here
-    named `layers.0`: a family maps it through HeadSpec.names)."""
-
-    def __init__(self, config, precision, rngs, *, query_tokens: str = "last", class_layers=3):
+    def __init__(self, config, precision, rngs):
         hidden = config.hidden_size
-        self.query_tokens = query_tokens
-        self.num_queries = getattr(config, "num_detection_tokens", None)
+        self.num_queries = config.num_detection_tokens
         self.auxiliary_loss = bool(getattr(config, "auxiliary_loss", False))
         self.loss_settings = LossSettings.from_config(config)
         self.class_labels_classifier = MLPPredictionHead(
-            hidden, hidden, config.num_labels + 1, class_layers, precision, rngs
+            hidden, hidden, config.num_labels + 1, 3, precision, rngs
         )
         self.bbox_predictor = MLPPredictionHead(hidden, hidden, 4, 3, precision, rngs)
 
-    def queries(self, features) -> jax.Array:  # -> [B, Q, E]
-        hidden = features.last_hidden_state
-        if self.query_tokens == "last":
-            return hidden[:, -self.num_queries :]
-        if self.query_tokens == "all":
-            return hidden
-        raise NotImplementedError(f"query_tokens={self.query_tokens!r}")
-
     def __call__(self, features, *, backbone, inputs, labels=None):
-        queries = self.queries(features)
+        queries = features.last_hidden_state[:, -self.num_queries :]  # [B, Q, E]
         logits = self.class_labels_classifier(queries)  # [B, Q, num_labels + 1]
         pred_boxes = jax.nn.sigmoid(self.bbox_predictor(queries))  # [B, Q, 4]
         loss = loss_dict = None
