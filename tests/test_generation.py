@@ -171,6 +171,37 @@ def test_other_prompt_lengths_reuse_the_compiled_program(pair):
     assert greedy.decode._cache_size() == compiled
 
 
+@one_family("gpt2")
+def test_generate_reads_the_current_weights_and_leaves_the_mode(pair):
+    """generate hands the model to its compiled program as a pytree: weights changed in place
+    are what the next call decodes with, without a new program; a model in training mode
+    (GPT-2's dropout) generates as in eval mode and is still in training mode afterwards."""
+    model_type, reference, model = pair
+    ids, mask = prompts(model_type)
+    before = np.asarray(model.generate(ids, attention_mask=mask, max_new_tokens=8))
+    compiled = greedy.decode._cache_size()
+    kernel = model.backbone.h[0].mlp.c_fc.kernel
+    original = kernel[...]
+    try:
+        kernel[...] = original * 3.0
+        with torch.no_grad():
+            reference.transformer.h[0].mlp.c_fc.weight.mul_(3.0)
+        expected = torch_generate(reference, ids, mask, max_new_tokens=8)
+        ours = np.asarray(model.generate(ids, attention_mask=mask, max_new_tokens=8))
+        assert greedy.decode._cache_size() == compiled
+        model.train()
+        in_training = np.asarray(model.generate(ids, attention_mask=mask, max_new_tokens=8))
+        assert model.backbone.h[0].attn.attn_dropout.deterministic is False
+    finally:
+        kernel[...] = original
+        with torch.no_grad():
+            reference.transformer.h[0].mlp.c_fc.weight.div_(3.0)
+        model.eval()
+    assert not np.array_equal(expected, before), "the change moved no token; scale it more"
+    np.testing.assert_array_equal(ours, expected)
+    np.testing.assert_array_equal(in_training, expected)
+
+
 def test_generation_config_json_sets_the_defaults(tmp_path):
     reference = torch_model("llama", "causal-lm")
     reference.generation_config = GenerationConfig(

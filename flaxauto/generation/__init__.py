@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import jax
 import numpy as np
-from flax import nnx
 
 from flaxauto.generation import beam_search, greedy
 from flaxauto.generation.outputs import GenerateOutput, per_step
@@ -72,16 +71,15 @@ def generate(model, input_ids, attention_mask=None, *, generation_config=None, k
     else:
         prompt = prepare(model, config, plan, default_max_length, input_ids, attention_mask)
         encoder_inputs = {}
-    graphdef, state = nnx.split(model)
     if config.num_beams > 1:
         sequences, sequences_scores, beam_indices, steps, kept = beam_search.generate(
-            graphdef, state, config, plan, prompt, encoder_inputs
+            model, config, plan, prompt, encoder_inputs
         )
     else:
         if key is None:
             key = jax.random.key(np.random.SeedSequence().entropy % (2**32))
         tokens, steps, kept = greedy.decode(
-            graphdef, plan, prompt.cache_length, state, prompt.ids, prompt.mask,
+            model, plan, prompt.cache_length, prompt.ids, prompt.mask,
             prompt.scalars, key, encoder_inputs,
         )  # fmt: skip
         steps = int(steps)

@@ -23,7 +23,7 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx, struct
+from flax import struct
 
 from flaxauto.generation.outputs import new_record, record
 from flaxauto.generation.processors import History, eos_mask, process_scores, prompt_tokens
@@ -87,7 +87,7 @@ def beam_settings(config, plan: Plan, cache_length: int) -> BeamSettings:
     )
 
 
-def generate(graphdef, state, config, plan: Plan, prompt: Prompt, encoder_inputs=None):
+def generate(model, config, plan: Plan, prompt: Prompt, encoder_inputs=None):
     """-> (token ids [B * num_return_sequences, prompt + generated], each row's best first;
     their scores [B * num_return_sequences]; under plan.beam_indices the row each of their tokens
     was chosen from [B * num_return_sequences, generated], else None; the number of steps run;
@@ -95,7 +95,7 @@ def generate(graphdef, state, config, plan: Plan, prompt: Prompt, encoder_inputs
     logits ([S - P, B * num_beams, V] under "scores" / "logits"), else None)."""
     settings = beam_settings(config, plan, prompt.cache_length)
     tokens, finished_scores, lengths, beams, steps, kept = _search(
-        graphdef, plan, int(config.num_beams), prompt.cache_length, state, prompt.ids,
+        model, plan, int(config.num_beams), prompt.cache_length, prompt.ids,
         prompt.mask, prompt.scalars, settings, encoder_inputs or {},
     )  # fmt: skip
     returned = config.num_return_sequences or 1
@@ -107,8 +107,8 @@ def generate(graphdef, state, config, plan: Plan, prompt: Prompt, encoder_inputs
     return sequences, finished_scores[:, :returned].reshape(-1), beams, int(steps), kept
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "plan", "num_beams", "cache_length"))
-def _search(graphdef, plan, num_beams: int, cache_length: int, state, ids, mask, scalars,
+@functools.partial(jax.jit, static_argnames=("plan", "num_beams", "cache_length"))
+def _search(model, plan, num_beams: int, cache_length: int, ids, mask, scalars,
             settings: BeamSettings, encoder_inputs):  # fmt: skip
     """ids, mask [B, P] (left-padded to the bucket P); scalars: prompt length as the caller sees
     it, max_length, min_length; encoder_inputs: an encoder-decoder's (empty for a causal LM):
@@ -116,8 +116,7 @@ def _search(graphdef, plan, num_beams: int, cache_length: int, state, ids, mask,
     scores and generated lengths [B, N], their beam indices (or None), the number of steps run and
     the record of each step (see `generate`)."""
     prompt_length, max_length = scalars[0], scalars[1]
-    model = nnx.merge(graphdef, state)
-    model.eval()
+    model.eval()  # the traced copy (the model is a pytree argument): the caller's keeps its mode
     batch, prompt_bucket = ids.shape
     n = num_beams
     decoding, logits = model.start(ids, mask, cache_length=cache_length, **encoder_inputs)

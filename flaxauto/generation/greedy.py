@@ -7,7 +7,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
-from flax import nnx, struct
+from flax import struct
 
 from flaxauto.generation.outputs import new_record, record
 from flaxauto.generation.processors import (
@@ -33,16 +33,16 @@ class _Carry:
     record: dict | None  # [S - P, B, V] buffers: each step's scores and/or logits
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "plan", "cache_length"))
-def decode(graphdef, plan: Plan, cache_length: int, state, ids, mask, scalars, key, encoder_inputs):
-    """ids, mask [B, P] (left-padded to the bucket P); scalars: prompt length as the caller sees
+@functools.partial(jax.jit, static_argnames=("plan", "cache_length"))
+def decode(model, plan: Plan, cache_length: int, ids, mask, scalars, key, encoder_inputs):
+    """model: the flaxauto model, passed as a pytree (its arrays are the program's arguments);
+    ids, mask [B, P] (left-padded to the bucket P); scalars: prompt length as the caller sees
     it, max_length, min_length; encoder_inputs: an encoder-decoder's encoder inputs (a dict of
     arrays, empty for a causal LM), which the model's start runs once. Returns tokens [B, S], the number of tokens generated and the
     record: under plan.output_scores / output_logits each step's processed scores / raw logits
     ([S - P, B, V] under "scores" / "logits"), else None."""
     prompt_length, max_length = scalars[0], scalars[1]
-    model = nnx.merge(graphdef, state)
-    model.eval()
+    model.eval()  # the traced copy: the caller's model keeps its mode
     batch, prompt_bucket = ids.shape
     decoding, logits = model.start(ids, mask, cache_length=cache_length, **encoder_inputs)
     tokens = jnp.full((batch, cache_length), plan.pad_token_id, jnp.int32)
