@@ -6,9 +6,14 @@ split with a stride gives several), the model runs over batches of examples, and
 turns the outputs of one input's examples into its answer.
 
 The forward is compiled once per padded shape. Examples are padded along their sequence axis to
-the next bucket length (16, 32, 64, ... up to the model's maximum) and batches to `batch_size`
+the next bucket length (16, 24, 32, 48, 64, ... up to the model's maximum) and batches to `batch_size`
 rows, so a stream of inputs of every length compiles a handful of programs, not one per input.
 `Pipeline.compilations` counts them.
+
+A list of inputs (not a lazy iterable) runs its examples shortest first when the pipeline
+`sorts_by_length` (the encoder text pipelines, whose examples are independent): each batch then
+pads to little more than its own longest instead of to the longest of a random batch, the
+padding compute transformers' pipelines spend. Answers come back in the list's order.
 """
 
 from __future__ import annotations
@@ -21,16 +26,18 @@ import jax
 import numpy as np
 from flax import nnx
 
-#: the smallest padded length; lengths double from here up to the model's maximum
+#: the smallest padded length; lengths grow by half octaves from here up to the model's maximum
 MIN_BUCKET = 16
 
 
 def bucket_length(length: int, maximum: int | None) -> int:
-    """The padded length for a sequence of `length`: the next power of two from MIN_BUCKET,
-    capped at `maximum` (a longer sequence keeps its own length: the model refuses it)."""
+    """The padded length for a sequence of `length`: the next of 16, 24, 32, 48, 64, 96, ...
+    (powers of two and the points halfway between, in ratio: at most a third of a batch is
+    padding, for twice the programs of powers of two alone), capped at `maximum` (a longer
+    sequence is not capped: the model refuses it)."""
     bucket = MIN_BUCKET
     while bucket < length:
-        bucket *= 2
+        bucket = bucket * 3 // 2 if bucket & (bucket - 1) == 0 else bucket * 4 // 3
     if maximum is not None and length <= maximum < bucket:
         return maximum
     return bucket
@@ -59,6 +66,10 @@ class Pipeline:
     #: what prepares the inputs, as pipeline() loads it: "tokenizer", "image_processor" or
     #: "feature_extractor" (transformers' classes, which need no torch)
     processor_kind: ClassVar[str] = "tokenizer"
+
+    #: whether a list's examples may run in order of length (each example's outputs independent
+    #: of which others share its batch; not so for sequential table questions, or sampling)
+    sorts_by_length: ClassVar[bool] = False
 
     def __init__(self, model, processor=None, *, batch_size: int = 1, progress=False, **params):
         self.model = model
@@ -111,6 +122,9 @@ class Pipeline:
         raise TypeError(f"{type(self).__name__} cannot read inputs of type {type(inputs)}")
 
     def _answers(self, items: Iterable, params: dict) -> Iterator:
+        if self.sorts_by_length and isinstance(items, (list, tuple)) and len(items) > 1:
+            yield from self._answers_by_length(items, params)
+            return
         items = iter(self._progress_bar(items))
         while chunk := list(itertools.islice(items, self.batch_size)):
             examples = [self.preprocess(item, **params) for item in chunk]
@@ -118,13 +132,28 @@ class Pipeline:
             for item, per_item in zip(chunk, examples, strict=True):
                 yield self.postprocess(item, [next(outputs) for _ in per_item], **params)
 
-    def _progress_bar(self, items):
+    def _answers_by_length(self, items, params: dict) -> Iterator:
+        """A list's answers, its examples run shortest first (the progress bar counts batches)."""
+        examples = [self.preprocess(item, **params) for item in items]
+        flat = [example for per_item in examples for example in per_item]
+        order = sorted(range(len(flat)), key=lambda i: self.example_length(flat[i]))
+        batches = [order[i : i + self.batch_size] for i in range(0, len(order), self.batch_size)]
+        outputs = [None] * len(flat)
+        for batch in self._progress_bar(batches, unit="batch"):
+            run = self.run_model([flat[i] for i in batch], **params)
+            for i, output in zip(batch, run, strict=True):
+                outputs[i] = output
+        outputs = iter(outputs)
+        for item, per_item in zip(items, examples, strict=True):
+            yield self.postprocess(item, [next(outputs) for _ in per_item], **params)
+
+    def _progress_bar(self, items, unit: str = "input"):
         if not self.progress:
             return items
         from tqdm.auto import tqdm
 
         total = len(items) if hasattr(items, "__len__") else None
-        return tqdm(items, total=total, desc=self.task, unit="input")
+        return tqdm(items, total=total, desc=self.task, unit=unit)
 
     # -- the model ----------------------------------------------------------------------------
 

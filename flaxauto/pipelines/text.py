@@ -26,6 +26,8 @@ SCORE_FUNCTIONS = {"softmax": softmax, "sigmoid": sigmoid, "none": lambda x: x}
 class TextPipeline(Pipeline):
     """Tokenizes each input alone (numpy arrays, one example per input)."""
 
+    sorts_by_length = True
+
     def tokenize(self, text, **kwargs) -> dict[str, np.ndarray]:
         """transformers' tokenizer on one input -> the example (arrays without batch axis)."""
         if isinstance(text, dict):
