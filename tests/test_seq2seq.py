@@ -12,6 +12,7 @@ from test_execution import DEFAULT_INIT, _flat_by_name, _loss_and_grads
 from transformers import GenerationConfig
 
 import flaxauto
+from flaxauto.generation import greedy
 from flaxauto.heads.seq2seq import shift_tokens_right
 from references import max_diff, run_torch, task_inputs, torch_model
 
@@ -105,6 +106,24 @@ def test_greedy_is_token_identical_to_transformers(pair):
     ours = np.asarray(model.generate(ids, attention_mask=mask, **settings))
     assert expected.shape[1] >= NEW_TOKENS // 2, "the reference stopped early; pick a new seed"
     np.testing.assert_array_equal(ours, expected)
+
+
+@pytest.mark.parametrize("pair", ["bart"], indirect=True)
+def test_sources_of_nearby_lengths_share_one_compiled_program(pair):
+    """generate pads the encoder's ids and mask to a bucket (masked padding; BART's learned
+    positions allow it): sources of 9 to 16 tokens run one program, each answer transformers'."""
+    model_type, reference, model = pair
+    settings = dict(do_sample=False, num_beams=1, max_new_tokens=6, min_new_tokens=0)
+    rng = np.random.default_rng(3)
+    compiled = None
+    for length in (9, 12, 16):
+        ids = rng.integers(3, reference.config.vocab_size, (2, length))
+        mask = np.ones_like(ids)
+        mask[1, length // 2 :] = 0  # a right-padded row, as a tokenizer pads
+        ours = np.asarray(model.generate(ids, attention_mask=mask, **settings))
+        np.testing.assert_array_equal(ours, torch_generate(reference, ids, mask, **settings))
+        compiled = compiled or greedy.decode._cache_size()
+    assert greedy.decode._cache_size() == compiled
 
 
 #: What summarisation / translation checkpoints on the hub carry (bart-large-cnn: 4 beams,

@@ -271,6 +271,7 @@ def prepare_encoder_decoder(
         ids = np.asarray(encoder_inputs[main])
         if "attention_mask" in model.encoder_input_names():
             encoder_inputs["attention_mask"] = _default_mask(ids, plan, config.pad_token_id)
+    encoder_inputs = _bucketed_source(model, config, encoder_inputs)
     encoder_inputs = {k: jnp.asarray(v) for k, v in encoder_inputs.items() if v is not None}
     batch = encoder_inputs[next(iter(encoder_inputs))].shape[0]
     ids = np.asarray(model.decoder_prompt(config, batch, decoder_input_ids), np.int32)
@@ -278,6 +279,30 @@ def prepare_encoder_decoder(
     mask = np.ones_like(ids)
     prompt = _bucketed(model, config, plan, default_max_length, ids, mask, 1)
     return prompt, encoder_inputs
+
+
+def _bucketed_source(model, config, encoder_inputs: dict) -> dict:
+    """The encoder's token ids and mask right-padded to a bucket length (the padding masked, so
+    never attended), so that sources of nearby lengths share the compiled program as prompts
+    do (a new source length would otherwise compile generate anew: seconds per length).
+    Encoders without a mask, or given inputs_embeds, keep their inputs as they are."""
+    ids = encoder_inputs.get("input_ids")
+    if ids is None or "attention_mask" not in model.encoder_input_names():
+        return encoder_inputs
+    ids = np.asarray(ids)
+    length = ids.shape[1]
+    padded = bucket(length)
+    most = getattr(config, "max_position_embeddings", None)  # a learned position table's end
+    if most is not None and length <= most < padded:
+        padded = most
+    mask = encoder_inputs.get("attention_mask")
+    mask = np.ones_like(ids) if mask is None else np.asarray(mask)
+    extra = ((0, 0), (0, padded - length))
+    pad = config.pad_token_id if config.pad_token_id is not None else 0
+    return encoder_inputs | {
+        "input_ids": np.pad(ids, extra, constant_values=pad),
+        "attention_mask": np.pad(mask, extra),
+    }
 
 
 def _bucketed(model, config, plan, default_max_length, ids, mask, minimum_bucket: int):
