@@ -6,8 +6,9 @@ split with a stride gives several), the model runs over batches of examples, and
 turns the outputs of one input's examples into its answer.
 
 The forward is compiled once per padded shape. Examples are padded along their sequence axis to
-the next bucket length (16, 24, 32, 48, 64, ... up to the model's maximum) and batches to `batch_size`
-rows, so a stream of inputs of every length compiles a handful of programs, not one per input.
+the next bucket length (16, 24, 32, 48, 64, ... up to the model's maximum) and batches to
+`batch_size` rows, so a stream of inputs of every length compiles a handful of programs, not one
+per input.
 `Pipeline.compilations` counts them.
 
 A list of inputs (not a lazy iterable) runs its examples shortest first when the pipeline
