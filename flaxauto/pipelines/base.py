@@ -129,9 +129,8 @@ class Pipeline:
         items = iter(self._progress_bar(items))
         while chunk := list(itertools.islice(items, self.batch_size)):
             examples = [self.preprocess(item, **params) for item in chunk]
-            outputs = iter(self.run_model([e for per_item in examples for e in per_item], **params))
-            for item, per_item in zip(chunk, examples, strict=True):
-                yield self.postprocess(item, [next(outputs) for _ in per_item], **params)
+            outputs = self.run_model([e for per_item in examples for e in per_item], **params)
+            yield from self._postprocessed(chunk, examples, outputs, params)
 
     def _answers_by_length(self, items, params: dict) -> Iterator:
         """A list's answers, its examples run shortest first (the progress bar counts batches)."""
@@ -144,6 +143,10 @@ class Pipeline:
             run = self.run_model([flat[i] for i in batch], **params)
             for i, output in zip(batch, run, strict=True):
                 outputs[i] = output
+        yield from self._postprocessed(items, examples, outputs, params)
+
+    def _postprocessed(self, items, examples, outputs, params: dict) -> Iterator:
+        """Each item's answer from its examples' outputs (`outputs` in the examples' order)."""
         outputs = iter(outputs)
         for item, per_item in zip(items, examples, strict=True):
             yield self.postprocess(item, [next(outputs) for _ in per_item], **params)
